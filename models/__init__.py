@@ -1,0 +1,1 @@
+"""The model: a Hugging Face encoder's [CLS] vector followed by a logistic-regression head."""

@@ -1,0 +1,4 @@
+from contract.cli import run
+from models.cli import main
+
+run(main)

