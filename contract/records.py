@@ -103,13 +103,17 @@ def encode_review(review_id: str, text: str, meta: dict[str, Any] | None = None)
     return json.dumps(body, ensure_ascii=False).encode("utf-8")
 
 
+def label_of(score: float) -> str:
+    return LABELS[score >= 0.5]
+
+
 def encode_result(
     review: Review, score: float, model: str, source: Source, classified_at: float
 ) -> bytes:
     """A result value; `score` is P(positive)."""
     body: dict[str, Any] = {
         "id": review.id,
-        "label": LABELS[score >= 0.5],
+        "label": label_of(score),
         "score": round(float(score), 6),
         "model": model,
         "source": asdict(source),

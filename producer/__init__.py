@@ -1,0 +1,1 @@
+"""The producer: publishes reviews from files or stdin as the contract's JSON records."""

@@ -1,0 +1,1 @@
+"""The worker: consume → validate → batch → [CLS] + head → publish → commit."""

@@ -1,0 +1,129 @@
+"""Delivery guarantees: who decides that consumed offsets may be committed.
+
+`AtLeastOnce` sends asynchronously and commits a partition's offsets only up to the first
+message the broker has not acknowledged (acks=all). `ExactlyOnce` wraps what it sends and
+the consumed offsets in one Kafka transaction (the consume-transform-produce loop of
+confluent-kafka's eos_transactions example), committed every `commit_interval_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from worker.tracker import OffsetTracker, Outgoing
+
+log = logging.getLogger(__name__)
+
+OnDelivered = Callable[[Outgoing], None]
+
+
+class AtLeastOnce:
+    def __init__(self, producer: KafkaProducer, consumer: KafkaConsumer, tracker: OffsetTracker,
+                 on_delivered: OnDelivered, on_error: Callable[[], None], commit_interval_s: float) -> None:
+        self.producer, self.consumer, self.tracker = producer, consumer, tracker
+        self.on_delivered, self.on_error = on_delivered, on_error
+        self.commit_interval_s = commit_interval_s
+        self._done: queue.SimpleQueue[tuple[Outgoing, Exception | None]] = queue.SimpleQueue()
+        self._last_commit = time.monotonic()
+        self.outstanding = 0
+
+    def _send(self, message: Outgoing) -> None:
+        future = self.producer.send(message.topic, key=message.key, value=message.value, headers=message.headers)
+        future.add_callback(lambda _md, m=message: self._done.put((m, None)))
+        future.add_errback(lambda err, m=message: self._done.put((m, err)))
+        self.outstanding += 1
+
+    def publish(self, messages: list[Outgoing]) -> None:
+        for message in messages:
+            self._send(message)
+
+    def settle(self) -> None:
+        """Take in the broker's answers; a message that failed after the client's retries is sent again."""
+        while True:
+            try:
+                message, err = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self.outstanding -= 1
+            if err is None:
+                self.tracker.acked(message.tp, message.offset)
+                self.on_delivered(message)
+            else:
+                log.warning("publish of %s:%s failed (%s); sending again", message.tp, message.offset, err)
+                self.on_error()
+                self._send(message)
+
+    def commit(self, force: bool = False) -> None:
+        self.settle()
+        if not force and time.monotonic() - self._last_commit < self.commit_interval_s:
+            return
+        positions = self.tracker.positions()
+        if positions:
+            self.consumer.commit({tp: OffsetAndMetadata(pos, "", -1) for tp, pos in positions.items()})
+        self._last_commit = time.monotonic()
+
+    def flush(self) -> None:
+        """Wait until every sent message is acknowledged, then commit."""
+        while self.outstanding:
+            self.producer.flush(timeout=30)
+            self.settle()
+            if self.outstanding:
+                time.sleep(0.05)
+        self.commit(force=True)
+
+
+class ExactlyOnce:
+    def __init__(self, producer: KafkaProducer, consumer: KafkaConsumer, tracker: OffsetTracker,
+                 on_delivered: OnDelivered, on_error: Callable[[], None], commit_interval_s: float) -> None:
+        self.producer, self.consumer, self.tracker = producer, consumer, tracker
+        self.on_delivered, self.on_error = on_delivered, on_error
+        self.commit_interval_s = commit_interval_s
+        self._sent: list[Outgoing] = []
+        self._began: float | None = None
+        producer.init_transactions()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._sent)
+
+    def publish(self, messages: list[Outgoing]) -> None:
+        if not messages:
+            return
+        if self._began is None:
+            self.producer.begin_transaction()
+            self._began = time.monotonic()
+        for message in messages:
+            self.producer.send(message.topic, key=message.key, value=message.value, headers=message.headers)
+        self._sent.extend(messages)
+
+    def settle(self) -> None:
+        """Nothing to do: delivery is known only when the transaction commits."""
+
+    def commit(self, force: bool = False) -> None:
+        if self._began is None or (not force and time.monotonic() - self._began < self.commit_interval_s):
+            return
+        self.tracker.acked_all_sent()
+        positions: dict[TopicPartition, int] = self.tracker.positions()
+        try:
+            if positions:
+                self.producer.send_offsets_to_transaction(
+                    {tp: OffsetAndMetadata(pos, "", -1) for tp, pos in positions.items()},
+                    self.consumer.group_metadata())
+            self.producer.commit_transaction()
+        except KafkaError:
+            self.on_error()
+            raise
+        for message in self._sent:
+            self.on_delivered(message)
+        self._sent.clear()
+        self._began = None
+
+    def flush(self) -> None:
+        self.commit(force=True)

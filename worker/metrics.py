@@ -1,0 +1,171 @@
+"""Prometheus metrics (names from DESIGN.md), /healthz and /readyz, and consumer lag.
+
+Lag is read off the hot path by its own thread, with its own clients: the broker's end
+offsets minus the group's committed offsets, for the partitions this worker owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from contract.kafka import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+PREFIX = "sentiment_worker_"
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+WINDOW_S = 10.0
+
+disable_created_metrics()  # one series per metric: dashboards need no *_created
+
+
+class WorkerMetrics:
+    """Every metric of the worker, in its own registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.consumed = Counter(PREFIX + "messages_consumed", "Records polled from the input topic", registry=r)
+        self.classified = Counter(PREFIX + "messages_classified", "Results delivered", ["label"], registry=r)
+        self.dead_lettered = Counter(PREFIX + "messages_dead_lettered", "Dead letters delivered", ["reason"],
+                                     registry=r)
+        self.truncated = Counter(PREFIX + "messages_truncated", "Reviews cut at the model's token limit",
+                                 registry=r)
+        self.batch_size = Histogram(PREFIX + "batch_size", "Records per batch", buckets=SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(PREFIX + "batch_tokens", "Padded tokens per batch (rows x longest row)",
+                                      buckets=TOKEN_BUCKETS, registry=r)
+        self.inference = Histogram(PREFIX + "inference_seconds", "Encoder + head time per batch",
+                                   buckets=SECONDS_BUCKETS, registry=r)
+        self.latency = Histogram(PREFIX + "end_to_end_latency_seconds",
+                                 "Input record timestamp to result acknowledged", buckets=SECONDS_BUCKETS, registry=r)
+        self.throughput = Gauge(PREFIX + "throughput_messages_per_second",
+                                f"Records delivered per second over the last {WINDOW_S:.0f} s", registry=r)
+        self.lag = Gauge(PREFIX + "consumer_lag", "End offset minus the group's committed offset",
+                         ["topic", "partition"], registry=r)
+        self.padding = Gauge(PREFIX + "padding_efficiency", "Real / padded tokens over recent batches", registry=r)
+        self.publish_errors = Counter(PREFIX + "publish_errors", "Failed publishes or transactions", registry=r)
+        self.rebalances = Counter(PREFIX + "rebalances", "Partition assignments received", registry=r)
+        self.info = Gauge(PREFIX + "info", "Model and placement of this worker",
+                          ["model", "device", "dtype", "guarantee"], registry=r)
+        self._window: deque[tuple[float, int]] = deque()
+        self._tokens: deque[tuple[int, int]] = deque(maxlen=50)
+
+    def observe_batch(self, rows: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
+        self.batch_size.observe(rows)
+        self.batch_tokens.observe(padded_tokens)
+        self.inference.observe(seconds)
+        self._tokens.append((real_tokens, padded_tokens))
+        self.padding.set(sum(t[0] for t in self._tokens) / max(1, sum(t[1] for t in self._tokens)))
+
+    def delivered(self, count: int = 1) -> None:
+        now = time.monotonic()
+        self._window.append((now, count))
+        while self._window and now - self._window[0][0] > WINDOW_S:
+            self._window.popleft()
+        span = max(1.0, now - self._window[0][0]) if self._window else WINDOW_S
+        self.throughput.set(sum(c for _, c in self._window) / min(WINDOW_S, span))
+
+    def refresh_throughput(self) -> None:
+        self.delivered(0)
+
+
+class Health:
+    """What /healthz and /readyz answer."""
+
+    def __init__(self) -> None:
+        self.last_tick = time.monotonic()
+        self.model_loaded = False
+        self.assigned: frozenset[TopicPartition] = frozenset()
+
+    def tick(self) -> None:
+        self.last_tick = time.monotonic()
+
+    def alive(self) -> bool:
+        return time.monotonic() - self.last_tick < 30
+
+    def ready(self) -> bool:
+        return self.model_loaded and bool(self.assigned) and self.alive()
+
+
+def serve(metrics: WorkerMetrics, health: Health, host: str, port: int) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            path = self.path.split("?")[0]
+            if path == "/metrics":
+                body, status, ctype = generate_latest(metrics.registry), 200, CONTENT_TYPE_LATEST
+            elif path in ("/healthz", "/readyz"):
+                ok = health.alive() if path == "/healthz" else health.ready()
+                body, status, ctype = (b"ok\n" if ok else b"not ready\n"), 200 if ok else 503, "text/plain"
+            else:
+                body, status, ctype = b"not found\n", 404, "text/plain"
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
+
+
+class LagMonitor:
+    """Refreshes consumer_lag{topic,partition} every `interval_s` for the partitions this worker owns."""
+
+    def __init__(self, settings: KafkaSettings, group: str, metrics: WorkerMetrics, health: Health,
+                 interval_s: float = 5.0) -> None:
+        self.settings, self.group, self.metrics, self.health = settings, group, metrics, health
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lag", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        admin = consumer = None
+        shown: set[TopicPartition] = set()
+        while not self._stop.wait(self.interval_s):
+            try:
+                if admin is None:
+                    admin = KafkaAdminClient(**self.settings.client_config("sentiment-worker-lag"))
+                    consumer = KafkaConsumer(**self.settings.client_config("sentiment-worker-lag"))
+                owned = set(self.health.assigned)
+                if owned:
+                    ends = consumer.end_offsets(list(owned))
+                    committed = admin.list_group_offsets({self.group: list(owned)}).get(self.group, {})
+                    for tp in owned:
+                        done = committed.get(tp)
+                        position = done.offset if done is not None and done.offset >= 0 else 0
+                        self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, ends[tp] - position))
+                for tp in shown - owned:
+                    self.metrics.lag.remove(tp.topic, str(tp.partition))
+                shown = owned
+            except Exception as err:  # the broker may be away for a while; lag is best effort
+                log.debug("lag refresh failed: %s", err)
+        for client in (admin, consumer):
+            if client is not None:
+                client.close()
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,193 @@
+"""The worker's main loop. One thread owns the Kafka consumer and all bookkeeping; the
+device runs in `InferenceStage`; the producer's own I/O thread delivers.
+
+    poll → decode/validate → tokenize → pool ─▶ next_batch ─▶ device (encoder + head)
+                     └── dead letters ──┐                         │
+    commit ◀─ acks ◀─ send ◀─ tracker (partition order) ◀──────────┘
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Iterable
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+
+from contract.kafka import KafkaSettings
+from contract.records import Rejection, Source, decode_review, encode_dead_letter, encode_result, label_of
+from models.artifact import Artifact
+from models.encoder import Encoder
+from worker.batcher import BatchCaps, Pending, next_batch, next_deadline, padded_tokens
+from worker.config import WorkerConfig
+from worker.delivery import AtLeastOnce, ExactlyOnce
+from worker.inference import InferenceStage, Scored
+from worker.metrics import Health, WorkerMetrics
+from worker.tracker import OffsetTracker, Outgoing
+
+log = logging.getLogger("worker")
+
+IDLE_POLL_S = 0.1
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, settings: KafkaSettings, encoder: Encoder, artifact: Artifact,
+                 inference: InferenceStage, metrics: WorkerMetrics, health: Health,
+                 consumer: KafkaConsumer, producer: KafkaProducer) -> None:
+        self.config, self.settings, self.encoder, self.artifact = config, settings, encoder, artifact
+        self.inference, self.metrics, self.health = inference, metrics, health
+        self.consumer, self.producer = consumer, producer
+        self.caps = BatchCaps(config.max_batch_size, config.max_batch_tokens, config.max_wait_ms / 1000)
+        self.tracker = OffsetTracker()
+        self.pool: list[Pending] = []
+        self.paused = False
+        self.stopping = False
+        delivery = ExactlyOnce if config.guarantee == "exactly-once" else AtLeastOnce
+        self.delivery = delivery(producer, consumer, self.tracker, self._delivered,
+                                 metrics.publish_errors.inc, config.commit_interval_ms / 1000)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def request_stop(self, *_args: object) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.consumer.subscribe([self.config.input_topic], listener=_Rebalance(self))
+        while not self.stopping:
+            self.step()
+        log.info("stopping: finishing %d records in hand", len(self.tracker))
+        self.drain()
+        self.consumer.close()  # leaves the group, so partitions move at once
+        self.producer.close(timeout=10)
+        self.inference.close()
+
+    def step(self) -> None:
+        self.health.tick()
+        self._take_scores(self.inference.collect())
+        self.delivery.publish(self.tracker.release())
+        self.delivery.commit()
+        self._dispatch(force=False)
+        self._poll()
+        self.metrics.refresh_throughput()
+
+    def drain(self) -> None:
+        """Finish everything in hand: run the pool, publish all results, wait for delivery, commit."""
+        while self.pool or self.inference.busy:
+            self._dispatch(force=True)
+            self._take_scores(self.inference.collect(timeout=0.5))
+        self.delivery.publish(self.tracker.release())
+        self.delivery.flush()
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        room = self.config.max_in_flight - len(self.tracker)
+        self._pause(room <= 0)
+        timeout = self._poll_timeout()
+        batches = self.consumer.poll(timeout_ms=int(timeout * 1000), max_records=max(1, room))
+        records = [r for rs in batches.values() for r in rs]
+        if records:
+            self._accept(records)
+
+    def _poll_timeout(self) -> float:
+        if self.inference.busy:
+            return 0.005
+        deadline = next_deadline(self.pool, self.caps)
+        if deadline is None:
+            return IDLE_POLL_S
+        return max(0.0, min(IDLE_POLL_S, deadline - time.monotonic()))
+
+    def _pause(self, full: bool) -> None:
+        """At the in-flight cap, keep polling (group membership) but fetch nothing: memory stays bounded."""
+        if full != self.paused:
+            assigned = list(self.consumer.assignment())
+            if full:
+                self.consumer.pause(*assigned)
+            else:
+                self.consumer.resume(*assigned)
+            self.paused = full
+
+    def _accept(self, records: list[ConsumerRecord]) -> None:
+        self.metrics.consumed.inc(len(records))
+        now = time.monotonic()
+        valid: list[tuple[ConsumerRecord, object]] = []
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            self.tracker.add(tp, record.offset)
+            source = Source(record.topic, record.partition, record.offset)
+            decoded = decode_review(record.value, source, self.config.max_record_bytes)
+            if isinstance(decoded, Rejection):
+                self.tracker.complete(Outgoing(
+                    tp, record.offset, self.config.dlq_topic, record.key,
+                    encode_dead_letter(decoded, record.value, source), list(record.headers or []),
+                    record.timestamp, decoded.code.value, is_result=False))
+                continue
+            valid.append((record, decoded))
+        if not valid:
+            return
+        tokens = self.encoder.tokenize([review.text for _, review in valid])
+        self.metrics.truncated.inc(sum(tokens.truncated))
+        for (record, review), ids in zip(valid, tokens.ids, strict=True):
+            tp = TopicPartition(record.topic, record.partition)
+            self.pool.append(Pending((tp, record.offset), ids, now, (record, review)))
+
+    def _dispatch(self, force: bool) -> None:
+        while self.pool and self.inference.has_room():
+            caps = BatchCaps(self.caps.max_size, self.caps.max_tokens, 0.0) if force else self.caps
+            batch = next_batch(self.pool, caps, time.monotonic())
+            if batch is None:
+                return
+            chosen = {id(p) for p in batch}
+            self.pool = [p for p in self.pool if id(p) not in chosen]
+            self.inference.submit(batch)
+
+    def _take_scores(self, done: Iterable[Scored]) -> None:
+        for scored in done:
+            real = sum(p.length for p in scored.batch)
+            self.metrics.observe_batch(len(scored.batch), real, padded_tokens(scored.batch), scored.seconds)
+            at = time.time()
+            for pending, score in zip(scored.batch, scored.scores.tolist(), strict=True):
+                record, review = pending.payload
+                source = Source(record.topic, record.partition, record.offset)
+                value = encode_result(review, score, self.artifact.model_id, source, at)
+                self.tracker.complete(Outgoing(
+                    pending.key[0], record.offset, self.config.output_topic, record.key, value,
+                    list(record.headers or []), record.timestamp, label_of(score), is_result=True))
+
+    def _delivered(self, message: Outgoing) -> None:
+        if message.is_result:
+            self.metrics.classified.labels(message.outcome).inc()
+            self.metrics.latency.observe(max(0.0, time.time() - message.timestamp_ms / 1000))
+        else:
+            self.metrics.dead_lettered.labels(message.outcome).inc()
+        self.metrics.delivered()
+
+    # -- rebalance -----------------------------------------------------------------------------
+
+    def revoked(self, partitions: list[TopicPartition]) -> None:
+        """Never commit what was not sent: finish and commit everything in hand before letting go."""
+        if partitions:
+            self.drain()
+            self.tracker.forget(partitions)
+        self.paused = False
+        self.health.assigned = frozenset(self.consumer.assignment()) - set(partitions)
+
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        self.metrics.rebalances.inc()
+        self.health.assigned = frozenset(self.consumer.assignment()) | set(partitions)
+        log.info("assigned %s", sorted(f"{tp.topic}:{tp.partition}" for tp in partitions))
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.worker.revoked(list(revoked))
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.worker.assigned(list(assigned))
