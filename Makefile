@@ -1,0 +1,44 @@
+# The README's two commands: `make demo` and `make test`. Both do their own set-up.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+WITH_BROKER := ops/kafka/with-broker
+
+.PHONY: setup tools test test-long lint demo bench broker-start broker-stop clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev,offline]"
+	@rm -f $(VENV)/.installed-* && touch $@
+
+tools:  ## outside programs the tests use: kcat and Prometheus (promtool) from Debian
+	@ops/install-tools
+
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup tools
+	$(WITH_BROKER) $(PY) -m pytest -ra $(PYTEST_ARGS)
+
+test-long: setup tools
+	$(WITH_BROKER) $(PY) -m pytest -ra -m long $(PYTEST_ARGS)
+
+demo: setup
+	$(WITH_BROKER) $(PY) -m ops.demo $(DEMO_ARGS)
+
+bench: setup
+	$(WITH_BROKER) $(PY) -m ops.bench $(BENCH_ARGS)
+
+broker-start:
+	ops/kafka/local-broker start
+
+broker-stop:
+	ops/kafka/local-broker stop
+
+clean:
+	ops/kafka/local-broker stop || true
+	rm -rf .local $(VENV)

@@ -1,0 +1,125 @@
+"""Shared fixtures: a tiny encoder and artifact built here, and a real Kafka broker.
+
+Kafka comes from KAFKA_BOOTSTRAP_SERVERS when set (make test starts the local KRaft broker
+and sets it), else from testcontainers where a Docker engine runs. With neither, Kafka tests
+fail under CI=true and skip otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+POSITIVE = ["a wonderful , moving film", "great acting and a smart script", "funny , warm and delightful",
+            "the best movie of the year", "beautiful and touching", "a stirring , brilliant story"]
+NEGATIVE = ["a dull , boring mess", "terrible acting and a lazy script", "painfully slow and stupid",
+            "the worst movie of the year", "ugly and tedious", "a flat , lifeless bore"]
+
+
+def labeled_sentences(n: int = 120, seed: int = 0) -> tuple[list[str], list[int]]:
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(POSITIVE if label else NEGATIVE, 2)
+        texts.append(f"{words[0]} ; {words[1]}")
+        labels.append(label)
+    return texts, labels
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    from models.build import save_random_distilbert
+
+    texts, _ = labeled_sentences()
+    return save_random_distilbert(tmp_path_factory.mktemp("tiny-encoder"), texts * 3, tiny=True, max_length=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_encoder_dir, tmp_path_factory) -> Path:
+    """A real artifact: tiny encoder features of labeled sentences, logistic head fitted on them."""
+    from models.artifact import Manifest, save_artifact
+    from models.encoder import Encoder
+    from models.head import fit_head
+
+    encoder = Encoder.load(str(tiny_encoder_dir), device="cpu", dtype="fp32")
+    texts, labels = labeled_sentences()
+    fit = fit_head(encoder.embed(texts), np.asarray(labels), grid=(1.0,))
+    folder = tmp_path_factory.mktemp("artifacts") / "tiny"
+    save_artifact(folder, fit.estimator, Manifest(
+        encoder=str(tiny_encoder_dir), encoder_source="local", encoder_revision=None,
+        hidden_size=encoder.hidden_size, dtype="fp32", data_sha256="0" * 64, metrics={}))
+    return folder
+
+
+# -- Kafka ---------------------------------------------------------------------------------------
+
+
+def _reachable(bootstrap: str) -> bool:
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    try:
+        socket.create_connection((host or "localhost", int(port)), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _docker_engine() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if bootstrap and _reachable(bootstrap):
+        yield bootstrap
+        return
+    if not bootstrap and _docker_engine():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer("apache/kafka:4.1.1").with_kraft() as container:
+            address = container.get_bootstrap_server()
+            os.environ["KAFKA_BOOTSTRAP_SERVERS"] = address
+            yield address
+        return
+    message = (f"no Kafka broker: KAFKA_BOOTSTRAP_SERVERS={bootstrap!r} does not answer and no Docker engine; "
+               "run the tests with `make test`, which starts the local broker")
+    if os.environ.get("CI", "").lower() in ("1", "true"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def topics(kafka_bootstrap, request):
+    """Unique topic names for one test: topics.input, topics.output, topics.dlq, topics.make(partitions)."""
+    from tests.kafka_helpers import TopicSet
+
+    names = TopicSet(kafka_bootstrap, f"t{uuid.uuid4().hex[:8]}-{request.node.name[:30]}")
+    yield names
+    names.delete_all()
+
+
+@pytest.fixture
+def env(kafka_bootstrap) -> dict[str, str]:
+    """Environment for child processes (producer, worker) run against the test broker."""
+    child = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, PYTHONUNBUFFERED="1")
+    child["PYTHONPATH"] = str(ROOT) + os.pathsep + child.get("PYTHONPATH", "")
+    child.pop("SENTIMENT_MODEL", None)
+    return child
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
