@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 WITH_BROKER := ops/kafka/with-broker
+export SST2_DIR ?= $(if $(wildcard ../shared/data/sst2/dev.tsv),$(abspath ../shared/data/sst2),)
 
 .PHONY: setup tools test test-long lint demo bench broker-start broker-stop clean
 
@@ -21,6 +22,7 @@ tools:  ## outside programs the tests use: kcat and Prometheus (promtool) from D
 lint: setup
 	$(PY) -m ruff check .
 
+test: export KAFKA_AUTO_CREATE_TOPICS ?= false
 test: setup tools
 	$(WITH_BROKER) $(PY) -m pytest -ra $(PYTEST_ARGS)
 

@@ -7,6 +7,7 @@ security settings (SASL, TLS) behave the same everywhere and passwords never rea
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,14 +90,28 @@ class KafkaSettings:
         return f"{self.bootstrap_servers} ({self.security_protocol}{user})"
 
 
+def _tcp_answers(bootstrap: str) -> bool:
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            socket.create_connection((host or "localhost", int(port)), timeout=3).close()
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def explain_connection_error(settings: KafkaSettings, err: Exception) -> UserError:
-    """Turn a client exception at connect time into the one line a user sees."""
+    """Turn a client exception at connect time into the one line a user sees (never with the password)."""
     name = type(err).__name__
     text = str(err)
     if settings.sasl_password:
         text = text.replace(settings.sasl_password, "***")
-    if "Authentication" in name or "SaslAuthentication" in text or "authentication" in text.lower():
+    if "Authentication" in name or "authentication" in text.lower():
         return UserError(f"Kafka at {settings.describe()} rejected the credentials ({name})")
-    if "NoBrokersAvailable" in name or "KafkaTimeout" in name or "Connection" in name:
+    if name in ("NoBrokersAvailable", "KafkaTimeoutError", "KafkaConnectionError"):
+        if settings.security_protocol != "PLAINTEXT" and _tcp_answers(settings.bootstrap_servers):
+            return UserError(f"Kafka at {settings.describe()} answers but refused the session: check the "
+                             "credentials (KAFKA_SASL_USERNAME/PASSWORD) and the TLS/SASL settings")
         return UserError(f"cannot reach Kafka at {settings.describe()} ({name}); is the broker up?")
     return UserError(f"Kafka at {settings.describe()}: {name}: {text}")

@@ -123,3 +123,12 @@ def env(kafka_bootstrap) -> dict[str, str]:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def sst2_dir() -> Path:
+    """SST-2 (train.tsv, dev.tsv): SST2_DIR (make test points it at ../shared/data/sst2 when present)."""
+    folder = os.environ.get("SST2_DIR")
+    if not folder or not (Path(folder) / "dev.tsv").is_file():
+        pytest.skip("SST-2 not available: set SST2_DIR to a folder holding train.tsv and dev.tsv")
+    return Path(folder)

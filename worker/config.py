@@ -30,7 +30,7 @@ class WorkerConfig:
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     max_in_flight: int = 1024
     guarantee: str = "at-least-once"
-    commit_interval_ms: int = 200
+    commit_interval_ms: int = 100
     instance_id: str = ""
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9108
@@ -67,7 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> WorkerConfig:
     p.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES)
     p.add_argument("--max-in-flight", type=int, default=1024, help="records held between poll and commit")
     p.add_argument("--guarantee", default="at-least-once", choices=GUARANTEES)
-    p.add_argument("--commit-interval-ms", type=int, default=200)
+    p.add_argument("--commit-interval-ms", type=int, default=100, help="exactly-once: transaction length")
     p.add_argument("--instance-id", default="", help="stable name of this replica (exactly-once fencing)")
     p.add_argument("--metrics-host", default="0.0.0.0")
     p.add_argument("--metrics-port", type=int, default=9108, help="0 turns the metrics server off")

@@ -1,7 +1,8 @@
 """Delivery guarantees: who decides that consumed offsets may be committed.
 
-`AtLeastOnce` sends asynchronously and commits a partition's offsets only up to the first
-message the broker has not acknowledged (acks=all). `ExactlyOnce` wraps what it sends and
+`AtLeastOnce` sends asynchronously and commits (asynchronously, as soon as they move) a
+partition's offsets only up to the first message the broker has not acknowledged (acks=all),
+so that a crash repeats at most the messages of about one batch. `ExactlyOnce` wraps what it sends and
 the consumed offsets in one Kafka transaction (the consume-transform-produce loop of
 confluent-kafka's eos_transactions example), committed every `commit_interval_s`.
 """
@@ -26,12 +27,10 @@ OnDelivered = Callable[[Outgoing], None]
 
 class AtLeastOnce:
     def __init__(self, producer: KafkaProducer, consumer: KafkaConsumer, tracker: OffsetTracker,
-                 on_delivered: OnDelivered, on_error: Callable[[], None], commit_interval_s: float) -> None:
+                 on_delivered: OnDelivered, on_error: Callable[[], None]) -> None:
         self.producer, self.consumer, self.tracker = producer, consumer, tracker
         self.on_delivered, self.on_error = on_delivered, on_error
-        self.commit_interval_s = commit_interval_s
         self._done: queue.SimpleQueue[tuple[Outgoing, Exception | None]] = queue.SimpleQueue()
-        self._last_commit = time.monotonic()
         self.outstanding = 0
 
     def _send(self, message: Outgoing) -> None:
@@ -61,13 +60,15 @@ class AtLeastOnce:
                 self._send(message)
 
     def commit(self, force: bool = False) -> None:
+        """Commit positions that moved; `force` (drain, rebalance, shutdown) waits for the broker's answer."""
         self.settle()
-        if not force and time.monotonic() - self._last_commit < self.commit_interval_s:
-            return
         positions = self.tracker.positions()
         if positions:
-            self.consumer.commit({tp: OffsetAndMetadata(pos, "", -1) for tp, pos in positions.items()})
-        self._last_commit = time.monotonic()
+            offsets = {tp: OffsetAndMetadata(pos, "", -1) for tp, pos in positions.items()}
+            if force:
+                self.consumer.commit(offsets)
+            else:
+                self.consumer.commit_async(offsets)
 
     def flush(self) -> None:
         """Wait until every sent message is acknowledged, then commit."""

@@ -44,9 +44,9 @@ class Worker:
         self.pool: list[Pending] = []
         self.paused = False
         self.stopping = False
-        delivery = ExactlyOnce if config.guarantee == "exactly-once" else AtLeastOnce
-        self.delivery = delivery(producer, consumer, self.tracker, self._delivered,
-                                 metrics.publish_errors.inc, config.commit_interval_ms / 1000)
+        parts = (producer, consumer, self.tracker, self._delivered, metrics.publish_errors.inc)
+        self.delivery = (ExactlyOnce(*parts, commit_interval_s=config.commit_interval_ms / 1000)
+                         if config.guarantee == "exactly-once" else AtLeastOnce(*parts))
 
     # -- lifecycle -----------------------------------------------------------------------------
 
