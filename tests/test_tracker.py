@@ -50,3 +50,17 @@ def test_transaction_acknowledges_everything_sent():
     tracker.release()
     tracker.acked_all_sent()
     assert tracker.positions() == {TP: 9} and len(tracker) == 1
+
+
+def test_records_and_bytes_held_are_counted_until_acknowledged():
+    tracker = OffsetTracker()
+    tracker.add(TP, 0, size=100)
+    tracker.add(TP1, 0, size=50)
+    assert (len(tracker), tracker.bytes) == (2, 150)
+    tracker.complete(message(TP, 0))
+    tracker.release()
+    tracker.acked(TP, 0)
+    tracker.positions()
+    assert (len(tracker), tracker.bytes) == (1, 50)
+    tracker.forget([TP1])
+    assert (len(tracker), tracker.bytes) == (0, 0)

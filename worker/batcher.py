@@ -54,16 +54,17 @@ def _cut(ordered: list[Pending], caps: BatchCaps) -> list[tuple[list[Pending], b
     return batches
 
 
-def next_batch(pool: Sequence[Pending], caps: BatchCaps, now: float) -> list[Pending] | None:
-    """The batch to run now, or None: among closed or expired batches, the one holding the oldest record."""
+def next_batch(pool: Sequence[Pending], caps: BatchCaps, now: float, partial_ok: bool = True) -> list[Pending] | None:
+    """The batch to run now, or None: among batches closed by a cap (or, when `partial_ok`, whose
+    wait expired), the one holding the oldest record."""
     if not pool:
         return None
     ordered = sorted(pool, key=lambda p: p.length)
-    ready = [
-        (min(p.arrived for p in batch), batch)
-        for batch, full in _cut(ordered, caps)
-        if full or now - min(p.arrived for p in batch) >= caps.max_wait_s
-    ]
+    ready = []
+    for batch, full in _cut(ordered, caps):
+        first = min(p.arrived for p in batch)
+        if full or (partial_ok and now - first >= caps.max_wait_s):
+            ready.append((first, batch))
     return min(ready, key=lambda item: item[0])[1] if ready else None
 
 

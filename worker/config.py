@@ -28,7 +28,8 @@ class WorkerConfig:
     max_batch_tokens: int = 8192
     max_wait_ms: int = 25
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
-    max_in_flight: int = 1024
+    max_in_flight: int = 2048
+    max_in_flight_bytes: int = 64 << 20
     guarantee: str = "at-least-once"
     commit_interval_ms: int = 100
     instance_id: str = ""
@@ -37,7 +38,7 @@ class WorkerConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_batch_tokens", "max_record_bytes", "max_in_flight"):
+        for name in ("max_batch_size", "max_batch_tokens", "max_record_bytes", "max_in_flight", "max_in_flight_bytes"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_in_flight < self.max_batch_size:
@@ -65,7 +66,8 @@ def parse_args(argv: Sequence[str] | None = None) -> WorkerConfig:
     p.add_argument("--max-batch-tokens", type=int, default=8192, help="padded tokens: rows x longest row")
     p.add_argument("--max-wait-ms", type=int, default=25, help="a batch waits at most this long for company")
     p.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES)
-    p.add_argument("--max-in-flight", type=int, default=1024, help="records held between poll and commit")
+    p.add_argument("--max-in-flight", type=int, default=2048, help="records held between poll and commit")
+    p.add_argument("--max-in-flight-bytes", type=int, default=64 << 20, help="input bytes held, at most")
     p.add_argument("--guarantee", default="at-least-once", choices=GUARANTEES)
     p.add_argument("--commit-interval-ms", type=int, default=100, help="exactly-once: transaction length")
     p.add_argument("--instance-id", default="", help="stable name of this replica (exactly-once fencing)")

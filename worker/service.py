@@ -30,6 +30,7 @@ from worker.tracker import OffsetTracker, Outgoing
 log = logging.getLogger("worker")
 
 IDLE_POLL_S = 0.1
+KEEPALIVE_POLL_S = 1.0
 
 
 class Worker:
@@ -44,6 +45,7 @@ class Worker:
         self.pool: list[Pending] = []
         self.paused = False
         self.stopping = False
+        self.last_poll = time.monotonic()
         parts = (producer, consumer, self.tracker, self._delivered, metrics.publish_errors.inc)
         self.delivery = (ExactlyOnce(*parts, commit_interval_s=config.commit_interval_ms / 1000)
                          if config.guarantee == "exactly-once" else AtLeastOnce(*parts))
@@ -67,12 +69,25 @@ class Worker:
 
     def step(self) -> None:
         self.health.tick()
-        self._take_scores(self.inference.collect())
+        self._take_scores(self.inference.collect(timeout=self._idle_wait()))
         self.delivery.publish(self.tracker.release())
         self.delivery.commit()
         self._dispatch(force=False)
-        self._poll()
+        if self._room() > 0 or time.monotonic() - self.last_poll > KEEPALIVE_POLL_S:
+            self._poll()
         self.metrics.refresh_throughput()
+
+    def _room(self) -> int:
+        """Records that may still be polled: memory stays bounded by count and by bytes under any backlog."""
+        if self.tracker.bytes >= self.config.max_in_flight_bytes:
+            return 0
+        return self.config.max_in_flight - len(self.tracker)
+
+    def _idle_wait(self) -> float:
+        """Block on the device, not on Kafka, when polling cannot help: no room, or work already queued."""
+        if self.inference.busy and (self._room() <= 0 or not self.inference.has_room()):
+            return 0.05
+        return 0.0
 
     def drain(self) -> None:
         """Finish everything in hand: run the pool, publish all results, wait for delivery, commit."""
@@ -85,16 +100,19 @@ class Worker:
     # -- stages --------------------------------------------------------------------------------
 
     def _poll(self) -> None:
-        room = self.config.max_in_flight - len(self.tracker)
+        """Fetch up to the room left; at the cap, poll with every partition paused so the group keeps us."""
+        room = self._room()
         self._pause(room <= 0)
-        timeout = self._poll_timeout()
+        timeout = self._poll_timeout() if room > 0 else 0.0
         batches = self.consumer.poll(timeout_ms=int(timeout * 1000), max_records=max(1, room))
+        self.last_poll = time.monotonic()
         records = [r for rs in batches.values() for r in rs]
         if records:
             self._accept(records)
 
     def _poll_timeout(self) -> float:
-        if self.inference.busy:
+        """Short while a waiting batch must go as soon as the device frees up, else until its deadline."""
+        if self.pool and self.inference.busy:
             return 0.005
         deadline = next_deadline(self.pool, self.caps)
         if deadline is None:
@@ -117,7 +135,7 @@ class Worker:
         valid: list[tuple[ConsumerRecord, object]] = []
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
-            self.tracker.add(tp, record.offset)
+            self.tracker.add(tp, record.offset, len(record.value or b""))
             source = Source(record.topic, record.partition, record.offset)
             decoded = decode_review(record.value, source, self.config.max_record_bytes)
             if isinstance(decoded, Rejection):
@@ -136,9 +154,11 @@ class Worker:
             self.pool.append(Pending((tp, record.offset), ids, now, (record, review)))
 
     def _dispatch(self, force: bool) -> None:
+        """Queue full batches ahead of the device; a partial (expired) batch only goes to an idle device,
+        so that records arriving while it is busy can still join."""
         while self.pool and self.inference.has_room():
             caps = BatchCaps(self.caps.max_size, self.caps.max_tokens, 0.0) if force else self.caps
-            batch = next_batch(self.pool, caps, time.monotonic())
+            batch = next_batch(self.pool, caps, time.monotonic(), partial_ok=force or not self.inference.busy)
             if batch is None:
                 return
             chosen = {id(p) for p in batch}

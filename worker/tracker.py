@@ -41,19 +41,23 @@ class Outgoing:
 
 @dataclass
 class _Partition:
-    entries: OrderedDict[int, list[Any]] = field(default_factory=OrderedDict)  # offset -> [State, Outgoing]
+    entries: OrderedDict[int, list[Any]] = field(default_factory=OrderedDict)  # offset -> [State, Outgoing, size]
     committed: int | None = None  # last position handed out for commit
 
 
 class OffsetTracker:
     def __init__(self) -> None:
         self._parts: dict[TopicPartition, _Partition] = {}
+        self.records = 0
+        self.bytes = 0  # input value bytes held, for the worker's memory bound
 
     def __len__(self) -> int:
-        return sum(len(p.entries) for p in self._parts.values())
+        return self.records
 
-    def add(self, tp: TopicPartition, offset: int) -> None:
-        self._parts.setdefault(tp, _Partition()).entries[offset] = [State.WAITING, None]
+    def add(self, tp: TopicPartition, offset: int, size: int = 0) -> None:
+        self._parts.setdefault(tp, _Partition()).entries[offset] = [State.WAITING, None, size]
+        self.records += 1
+        self.bytes += size
 
     def complete(self, message: Outgoing) -> None:
         entry = self._parts[message.tp].entries[message.offset]
@@ -93,16 +97,17 @@ class OffsetTracker:
                 if entry[0] is not State.ACKED:
                     break
                 part.entries.popitem(last=False)
+                self.records -= 1
+                self.bytes -= entry[2]
                 position = offset + 1
             if position is not None and position != part.committed:
                 part.committed = position
                 moved[tp] = position
         return moved
 
-    def unsent(self, tp: TopicPartition) -> int:
-        part = self._parts.get(tp)
-        return 0 if part is None else len(part.entries)
-
     def forget(self, tps: Iterable[TopicPartition]) -> None:
         for tp in tps:
-            self._parts.pop(tp, None)
+            part = self._parts.pop(tp, None)
+            if part is not None:
+                self.records -= len(part.entries)
+                self.bytes -= sum(entry[2] for entry in part.entries.values())

@@ -1,0 +1,67 @@
+"""(a) The ceiling: the bare encoder (+ head) on pre-tokenized, length-sorted batches, no Kafka.
+
+Batches are built by the worker's own batcher from an in-memory source, so this module
+needs no Kafka client and also serves the GPU benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from models.encoder import Encoder
+from models.head import TorchHead
+from worker.batcher import BatchCaps, Pending, next_batch, padded_tokens
+
+
+@dataclass(frozen=True)
+class CeilingResult:
+    dtype: str
+    max_batch_size: int
+    records: int
+    seconds: float
+    padding_efficiency: float
+
+    @property
+    def per_second(self) -> float:
+        return self.records / self.seconds
+
+
+def batches(encoder: Encoder, texts: list[str], max_batch_size: int, max_batch_tokens: int) -> list[list[Pending]]:
+    """Pre-tokenize, then cut the whole backlog into batches with the worker's batcher."""
+    tokens = encoder.tokenize(texts)
+    pool = [Pending(("mem", i), ids, 0.0) for i, ids in enumerate(tokens.ids)]
+    caps = BatchCaps(max_batch_size, max_batch_tokens, 0.0)
+    out = []
+    while pool:
+        batch = next_batch(pool, caps, now=1.0)
+        taken = {id(p) for p in batch}
+        pool = [p for p in pool if id(p) not in taken]
+        out.append(batch)
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(encoder: Encoder, head: TorchHead, texts: list[str], max_batch_size: int,
+            max_batch_tokens: int = 8192, min_seconds: float = 3.0) -> CeilingResult:
+    """Records/s over whole passes of `texts` (at least `min_seconds`), after one warm-up batch."""
+    work = batches(encoder, texts, max_batch_size, max_batch_tokens)
+    real = sum(p.length for b in work for p in b)
+    padded = sum(padded_tokens(b) for b in work)
+    head(encoder.cls([p.ids for p in work[len(work) // 2]]))
+    sync(encoder.device)
+    done, started = 0, time.perf_counter()
+    while True:
+        for batch in work:
+            head(encoder.cls([p.ids for p in batch])).cpu()
+            done += len(batch)
+        sync(encoder.device)
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds:
+            return CeilingResult(encoder.dtype_name, max_batch_size, done, elapsed, real / padded)
