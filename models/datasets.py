@@ -16,6 +16,7 @@ from contract.cli import UserError
 from contract.review_files import BadRow, read_reviews
 
 SST2_URL = "https://github.com/clairett/pytorch-sentiment-classification/raw/master/data/SST2/train.tsv"
+SST2_DEV_URL = SST2_URL.replace("train.tsv", "dev.tsv")
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "review-sentiment"
 
 
@@ -44,15 +45,16 @@ def _download(url: str) -> Path:
 
 
 def resolve(spec: str) -> Path:
-    """A local path for `spec` (path, URL or `sst2`)."""
-    if spec == "sst2":
+    """A local path for `spec`: a path, a URL, `sst2` (the train split) or `sst2-dev`."""
+    if spec in ("sst2", "sst2-dev"):
+        name = "train.tsv" if spec == "sst2" else "dev.tsv"
         folder = os.environ.get("SST2_DIR")
         if folder:
-            path = Path(folder) / "train.tsv"
+            path = Path(folder) / name
             if not path.is_file():
-                raise UserError(f"SST2_DIR={folder} has no train.tsv")
+                raise UserError(f"SST2_DIR={folder} has no {name}")
             return path
-        return _download(SST2_URL)
+        return _download(SST2_URL if spec == "sst2" else SST2_DEV_URL)
     if spec.startswith(("http://", "https://")):
         return _download(spec)
     return Path(spec)

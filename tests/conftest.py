@@ -101,14 +101,21 @@ def kafka_bootstrap() -> str:
     pytest.skip(message)
 
 
-@pytest.fixture
-def topics(kafka_bootstrap, request):
-    """Unique topic names for one test: topics.input, topics.output, topics.dlq, topics.make(partitions)."""
-    from tests.kafka_helpers import TopicSet
+@pytest.fixture(scope="session")
+def kafka_settings(kafka_bootstrap):
+    from contract.kafka import KafkaSettings
 
-    names = TopicSet(kafka_bootstrap, f"t{uuid.uuid4().hex[:8]}-{request.node.name[:30]}")
+    return KafkaSettings(bootstrap_servers=kafka_bootstrap)
+
+
+@pytest.fixture
+def topics(kafka_settings, request):
+    """Unique input/output/dead-letter topic names (and group) for one test; deleted afterwards."""
+    from ops.harness import Topics
+
+    names = Topics.prefixed(kafka_settings, f"t{uuid.uuid4().hex[:8]}-{request.node.name[:30]}")
     yield names
-    names.delete_all()
+    names.delete()
 
 
 @pytest.fixture

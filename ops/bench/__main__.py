@@ -12,14 +12,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
 from tqdm import tqdm
 
 from contract.kafka import KafkaSettings
@@ -31,6 +27,7 @@ from models.encoder import Encoder, offline_folder
 from models.head import TorchHead
 from ops.bench.ceiling import measure
 from ops.bench.naive import run_naive
+from ops.harness import Topics, WorkerProcess, free_port, publish, read
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "ops" / "bench" / "out"
@@ -60,86 +57,7 @@ def random_distilbert_artifact(data: Path, texts: list[str]) -> Path:
     return artifact
 
 
-class Kafka:
-    def __init__(self) -> None:
-        self.settings = KafkaSettings.from_env()
-        self.run = f"bench{int(time.time())}"
-
-    def topic(self, name: str, partitions: int = 1) -> str:
-        full = f"{self.run}.{name}"
-        admin = KafkaAdminClient(**self.settings.client_config("bench"))
-        admin.create_topics([NewTopic(full, partitions, 1)])
-        admin.close()
-        return full
-
-    def publish(self, topic: str, texts: list[str], rate: float = 0.0, seconds: float = 0.0) -> None:
-        producer = KafkaProducer(**self.settings.client_config("bench"), acks="all", linger_ms=5)
-        started, n = time.perf_counter(), 0
-        while True:
-            for text in texts:
-                producer.send(topic, encode_review(f"b{n}", text))
-                n += 1
-                if rate:
-                    delay = started + n / rate - time.perf_counter()
-                    if delay > 0:
-                        time.sleep(delay)
-                    if time.perf_counter() - started >= seconds:
-                        producer.flush()
-                        producer.close()
-                        return
-            if not rate:
-                producer.flush()
-                producer.close()
-                return
-
-    def results(self, topic: str, count: int, timeout: float, what: str) -> list:
-        consumer = KafkaConsumer(topic, **self.settings.client_config("bench"), auto_offset_reset="earliest")
-        records: list = []
-        deadline = time.monotonic() + timeout
-        with tqdm(total=count, desc=what, unit="rec", file=sys.stderr) as bar:
-            while len(records) < count and time.monotonic() < deadline:
-                for batch in consumer.poll(timeout_ms=500).values():
-                    records.extend(batch)
-                    bar.update(len(batch))
-        consumer.close()
-        return records
-
-
-class Worker:
-    def __init__(self, artifact: Path, kafka: Kafka, name: str, *args: str, backlog: list[str] | None = None) -> None:
-        self.topics = [kafka.topic(f"{name}.in"), kafka.topic(f"{name}.out"), kafka.topic(f"{name}.dlq")]
-        if backlog:
-            kafka.publish(self.topics[0], backlog)
-        self.port = 9300 + os.getpid() % 500
-        cmd = [sys.executable, "-m", "worker", "--model", str(artifact), "--input-topic", self.topics[0],
-               "--output-topic", self.topics[1], "--dlq-topic", self.topics[2], "--group", f"{kafka.run}.{name}",
-               "--metrics-port", str(self.port), "--metrics-host", "127.0.0.1", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
-        self.wait_ready()
-
-    def wait_ready(self) -> None:
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1):
-                    return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise SystemExit("the worker exited during start") from None
-                time.sleep(0.2)
-        raise SystemExit("the worker did not become ready")
-
-    def metric(self, name: str) -> float:
-        """The sum of a metric's series (e.g. classified over both labels)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
-                       if line.startswith((name + " ", name + "{")))
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
-def steady_rate(worker: Worker, count: int, timeout: float, what: str) -> float:
+def steady_rate(worker: WorkerProcess, count: int, timeout: float, what: str) -> float:
     """Records/s from the worker's own counter, between 10% and 100% of `count` (start-up and warm-up
     excluded). Reading the counter, not the output topic, keeps a reader off the CPU being measured."""
     name = "sentiment_worker_messages_classified_total"
@@ -192,18 +110,24 @@ def main() -> int:
                 ceilings[r.dtype] = r.per_second
         del encoder, head
 
-    kafka = Kafka()
+    settings = KafkaSettings.from_env()
+    run_id = f"bench{int(time.time())}"
+
+    def worker(name: str, dtype: str, backlog: list[str] | None = None) -> tuple[WorkerProcess, Topics]:
+        topics = Topics.prefixed(settings, f"{run_id}.{name}").create()
+        if backlog:
+            publish(settings, topics.input, [encode_review(f"b{i}", t) for i, t in enumerate(backlog)])
+        proc = WorkerProcess(artifact_dir, topics, "--dtype", dtype, "--device", "cpu", metrics_port=free_port())
+        return proc.wait_ready(), topics
+
     say("(b) worker end to end through Kafka on a backlog")
     for dtype in ("fp32", "auto"):
-        probe = Encoder.load(artifact.manifest.encoder, "cpu", dtype)
-        name = probe.dtype_name
-        del probe
+        name = Encoder.load(artifact.manifest.encoder, "cpu", dtype).dtype_name
         count = int(ceilings[name] * args.backlog_seconds)
-        worker = Worker(artifact_dir, kafka, f"worker-{name}", "--dtype", dtype, "--device", "cpu",
-                        backlog=(texts * (count // len(texts) + 1))[:count])
-        rate = steady_rate(worker, count, timeout=30 + 5 * args.backlog_seconds, what=f"worker {name}")
-        padding = worker.metric("sentiment_worker_padding_efficiency")
-        worker.stop()
+        proc, _ = worker(f"worker-{name}", dtype, (texts * (count // len(texts) + 1))[:count])
+        rate = steady_rate(proc, count, timeout=30 + 5 * args.backlog_seconds, what=f"worker {name}")
+        padding = proc.metric("sentiment_worker_padding_efficiency")
+        proc.terminate()
         results["worker"][name] = {"records": count, "per_second": round(rate, 1),
                                    "padding_efficiency": round(padding, 3),
                                    "ratio_to_ceiling": round(rate / ceilings[name], 3)}
@@ -211,10 +135,11 @@ def main() -> int:
             f"{rate / ceilings[name]:.2f} x ceiling")
 
     say("(c) naive consumer: fp32, one record at a time, produce-and-wait, commit")
-    naive_in, naive_out = kafka.topic("naive.in"), kafka.topic("naive.out")
-    kafka.publish(naive_in, texts[: args.naive_records])
+    naive_topics = Topics.prefixed(settings, f"{run_id}.naive").create()
+    publish(settings, naive_topics.input,
+            [encode_review(f"n{i}", t) for i, t in enumerate(texts[: args.naive_records])])
     encoder = Encoder.load(artifact.manifest.encoder, "cpu", "fp32")
-    naive = run_naive(kafka.settings, encoder, artifact, naive_in, naive_out, args.naive_records)
+    naive = run_naive(settings, encoder, artifact, naive_topics.input, naive_topics.output, args.naive_records)
     del encoder
     results["naive_per_second"] = round(naive, 1)
     say(f"    naive: {naive:.1f} records/s")
@@ -223,22 +148,15 @@ def main() -> int:
     best = results["worker"][best_name]["per_second"]
     say(f"(d) latency at 25/50/75% of the worker's {best_name} rate ({best:.0f}/s)")
     for share in (0.25, 0.5, 0.75):
-        worker = Worker(artifact_dir, kafka, f"latency{int(share * 100)}", "--dtype",
-                        "auto" if best_name != "fp32" else "fp32", "--device", "cpu")
+        proc, topics = worker(f"latency{int(share * 100)}", "fp32" if best_name == "fp32" else "auto")
         rate = best * share
-        sent_at: dict[str, float] = {}
-        producer = threading.Thread(target=kafka.publish, args=(worker.topics[0], texts, rate, args.latency_seconds))
-        producer.start()
-        producer.join()
-        expected = int(rate * args.latency_seconds)
-        records = kafka.results(worker.topics[1], expected, timeout=60, what=f"latency {share:.0%}")
-        consumer = KafkaConsumer(worker.topics[0], **kafka.settings.client_config("bench"),
-                                 auto_offset_reset="earliest")
-        while len(sent_at) < len(records):
-            for batch in consumer.poll(timeout_ms=500).values():
-                sent_at.update({json.loads(r.value)["id"]: r.timestamp / 1000 for r in batch})
-        consumer.close()
-        worker.stop()
+        count = int(rate * args.latency_seconds)
+        offered = [encode_review(f"l{i}", texts[i % len(texts)]) for i in range(count)]
+        publish(settings, topics.input, offered, rate=rate)
+        records = read(settings, topics.output, count, timeout=60, progress=f"latency {share:.0%}")
+        sent_at = {json.loads(r.value)["id"]: r.timestamp / 1000
+                   for r in read(settings, topics.input, count, timeout=30)}
+        proc.terminate()
         p50, p99 = latency(records, sent_at)
         results["latency"].append({"offered_per_second": round(rate, 1), "p50_s": round(p50, 4),
                                    "p99_s": round(p99, 4)})

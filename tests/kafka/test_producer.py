@@ -23,7 +23,7 @@ def summary(result):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_every_sst2_row_is_published_and_read_back(python, env, topics, kafka_bootstrap, sst2_dir):
+def test_every_sst2_row_is_published_and_read_back(python, env, topics, kafka_settings, sst2_dir):
     expected = {}
     for split in ("train", "dev"):
         lines = (sst2_dir / f"{split}.tsv").read_text().splitlines()
@@ -33,7 +33,7 @@ def test_every_sst2_row_is_published_and_read_back(python, env, topics, kafka_bo
         assert result["failed"] == 0 and result["acknowledged"] == result["sent"] == len(lines)
     topics.created.append(topics.input)
     assert len(expected) == 7792
-    records = read(kafka_bootstrap, topics.input, len(expected), timeout=120, settle=1.0)
+    records = read(kafka_settings, topics.input, len(expected), timeout=120, settle=1.0)
     assert len(records) == len(expected)
     got = {}
     for record in records:
@@ -94,7 +94,7 @@ def test_sasl_scram_right_and_wrong_credentials(python, env, topics, tmp_path):
     assert wrong not in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
 
 
-def test_records_from_kcat_are_decoded(kafka_bootstrap, topics):
+def test_records_from_kcat_are_decoded(kafka_settings, kafka_bootstrap, topics):
     kcat = shutil.which("kcat")
     if not kcat:
         pytest.fail("kcat is missing: make test installs it (ops/install-tools)")
@@ -102,7 +102,7 @@ def test_records_from_kcat_are_decoded(kafka_bootstrap, topics):
     lines = "plain text review from kcat\n" + json.dumps({"id": "k1", "text": "json review", "stars": 4}) + "\n"
     subprocess.run([kcat, "-P", "-b", kafka_bootstrap, "-t", topics.input, "-k", "kc"], input=lines.encode(),
                    check=True, timeout=30)
-    records = read(kafka_bootstrap, topics.input, 2, timeout=30)
+    records = read(kafka_settings, topics.input, 2, timeout=30)
     decoded = [decode_review(r.value, Source(r.topic, r.partition, r.offset)) for r in records]
     assert decoded[0] == Review(f"{topics.input}:0:0", "plain text review from kcat", None)
     assert decoded[1] == Review("k1", "json review", {"stars": 4})

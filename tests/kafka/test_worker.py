@@ -11,18 +11,26 @@ import time
 from collections import Counter
 
 import pytest
-from kafka import KafkaAdminClient, TopicPartition
+from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
+from kafka.errors import KafkaTimeoutError
 
-from contract.kafka import KafkaSettings
+from ops.harness import WorkerProcess, free_port, publish, read
 from tests.conftest import ROOT
-from tests.kafka_helpers import WorkerProcess, free_port, produce, read, values
+
+
+def start(artifact, topics, env, *args, **kwargs) -> WorkerProcess:
+    return WorkerProcess(artifact, topics, "--device", "cpu", *args, env=env, **kwargs)
 
 
 def reviews(n: int, prefix: str = "r") -> tuple[list[bytes], list[bytes], list[str]]:
     ids = [f"{prefix}{i}" for i in range(n)]
-    vals = [json.dumps({"id": i, "text": f"review {i} : " + "a fine film " * (1 + n % 7 + len(i) % 5)}).encode()
-            for i in ids]
+    vals = [json.dumps({"id": i, "text": f"review {i} : " + "a fine film " * (1 + i.__len__() % 5 + k % 7)}).encode()
+            for k, i in enumerate(ids)]
     return vals, [i.encode() for i in ids], ids
+
+
+def bodies(records: list) -> list[dict]:
+    return [json.loads(r.value) for r in records]
 
 
 def histogram_within(metrics_text: str, name: str, cap: int) -> bool:
@@ -33,64 +41,56 @@ def histogram_within(metrics_text: str, name: str, cap: int) -> bool:
 
 def metric(metrics_text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
+               if line.startswith((name + " ", name + "{")))
 
 
-def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
-    admin = KafkaAdminClient(**KafkaSettings(bootstrap_servers=bootstrap).client_config("tests-offsets"))
+def committed(settings, group: str, topic: str, partitions: int) -> dict[int, int]:
+    admin = KafkaAdminClient(**settings.client_config("tests-offsets"))
     tps = [TopicPartition(topic, p) for p in range(partitions)]
     got = admin.list_group_offsets({group: tps}).get(group, {})
     admin.close()
-    return {p: max(0, got[TopicPartition(topic, p)].offset) if TopicPartition(topic, p) in got else 0
-            for p in range(partitions)}
+    return {tp.partition: max(0, got[tp].offset) if tp in got else 0 for tp in tps}
 
 
-class Stream(threading.Thread):
-    """Produces records at a steady pace in the background."""
-
-    def __init__(self, bootstrap, topic, vals, keys, seconds):
-        super().__init__(daemon=True)
-        self.args = (bootstrap, topic, vals, keys, seconds)
-
-    def run(self):
-        bootstrap, topic, vals, keys, seconds = self.args
-        chunks = 20
-        size = -(-len(vals) // chunks)
-        for start in range(0, len(vals), size):
-            produce(bootstrap, topic, vals[start:start + size], keys[start:start + size])
-            time.sleep(seconds / chunks)
+def stream(settings, topic, vals, keys, seconds) -> threading.Thread:
+    """Publish in the background at a steady pace over `seconds`."""
+    thread = threading.Thread(target=publish, args=(settings, topic, vals, keys), daemon=True,
+                              kwargs={"rate": len(vals) / seconds})
+    thread.start()
+    return thread
 
 
-def test_results_dead_letters_caps_and_order(tiny_artifact, topics, env, kafka_bootstrap, tmp_path):
+def test_results_dead_letters_caps_and_order(tiny_artifact, topics, env, kafka_settings, tmp_path):
     topics.create(partitions=2)
     vals, keys, ids = reviews(2000)
     malformed = {b"\xff\xfe\xfa": "invalid_utf8", b'{"text": "unterminated': "invalid_json",
                  b'{"body": "no text"}': "missing_text", b'{"text": "   "}': "empty_text", None: "empty_text",
-                 b'{"text": 7}': "bad_type", b"x" * 5000: "too_large", b"[1, 2": None}
-    bad = [v for v, c in malformed.items() if c]
-    mixed = vals[:1000] + bad + vals[1000:] + [b"[1, 2"]
-    produce(kafka_bootstrap, topics.input, mixed, [b"k%d" % i for i in range(len(mixed))], headers=[("trace", b"t-1")])
+                 b'{"text": 7}': "bad_type", b"x" * 5000: "too_large"}
+    bad = list(malformed)
+    mixed = vals[:1000] + bad + vals[1000:] + [b"[1, 2"]  # the last is plain text by the contract
+    publish(kafka_settings, topics.input, mixed, [b"k%d" % i for i in range(len(mixed))],
+            headers=[("trace", b"t-1")])
     port = free_port()
-    with WorkerProcess(tiny_artifact, topics, env, "--max-batch-size", "16", "--max-batch-tokens", "512",
-                       "--max-record-bytes", "4096", metrics_port=port, log=tmp_path / "w.log") as worker:
-        results = read(kafka_bootstrap, topics.output, 2001, timeout=120, settle=2)
-        dead = read(kafka_bootstrap, topics.dlq, len(bad), timeout=30, settle=1)
+    with start(tiny_artifact, topics, env, "--max-batch-size", "16", "--max-batch-tokens", "512",
+               "--max-record-bytes", "4096", metrics_port=port, log=tmp_path / "w.log") as worker:
+        results = read(kafka_settings, topics.output, 2001, timeout=120, settle=2)
+        dead = read(kafka_settings, topics.dlq, len(bad), timeout=30, settle=1)
         assert worker.alive(), worker.tail()
         scrape = worker.metrics()
-    bodies = values(results)
-    assert len(bodies) == 2001  # 2000 reviews + "[1, 2", which is plain text by the contract
-    plain = [b for b in bodies if b["id"] not in set(ids)]
+    out = bodies(results)
+    assert len(out) == 2001
+    plain = [b for b in out if b["id"] not in set(ids)]
     assert len(plain) == 1 and plain[0]["id"] == "{topic}:{partition}:{offset}".format(**plain[0]["source"])
-    assert {b["id"] for b in bodies} - {plain[0]["id"]} == set(ids)
-    assert Counter(json.loads(r.value)["error"] for r in dead) == Counter(c for c in malformed.values() if c)
+    assert {b["id"] for b in out} - {plain[0]["id"]} == set(ids)
+    assert Counter(d["error"] for d in bodies(dead)) == Counter(malformed.values())
     assert all(r.headers == [("trace", b"t-1")] for r in results[:5] + dead)
-    assert all(b["label"] in ("positive", "negative") and 0 <= b["score"] <= 1 for b in bodies)
+    assert all(b["label"] in ("positive", "negative") and 0 <= b["score"] <= 1 for b in out)
     head_sha = json.loads((tiny_artifact / "manifest.json").read_text())["head_sha256"]
-    assert {b["model"] for b in bodies} == {f"tiny@{head_sha[:12]}"}
+    assert {b["model"] for b in out} == {f"tiny@{head_sha[:12]}"}
     for partition in (0, 1):
-        offsets = [b["source"]["offset"] for b in bodies if b["source"]["partition"] == partition]
+        offsets = [b["source"]["offset"] for b in out if b["source"]["partition"] == partition]
         assert offsets == sorted(offsets), "results must keep their input partition's order"
-    too_large = next(json.loads(r.value) for r in dead if json.loads(r.value)["error"] == "too_large")
+    too_large = next(d for d in bodies(dead) if d["error"] == "too_large")
     assert too_large["value_size"] == 5000
     assert histogram_within(scrape, "sentiment_worker_batch_size", 16)
     assert histogram_within(scrape, "sentiment_worker_batch_tokens", 512)
@@ -99,38 +99,36 @@ def test_results_dead_letters_caps_and_order(tiny_artifact, topics, env, kafka_b
     assert metric(scrape, "sentiment_worker_messages_consumed_total") == len(mixed)
 
 
-def test_lone_record_on_idle_topic_comes_out_within_two_seconds(tiny_artifact, topics, env, kafka_bootstrap):
+def test_lone_record_on_idle_topic_comes_out_within_two_seconds(tiny_artifact, topics, env, kafka_settings):
     topics.create()
-    port = free_port()
-    with WorkerProcess(tiny_artifact, topics, env, "--max-wait-ms", "25", metrics_port=port) as worker:
+    with start(tiny_artifact, topics, env, "--max-wait-ms", "25", metrics_port=free_port()) as worker:
         worker.wait_ready()
         time.sleep(2)  # idle: the consumer sits in its fetch wait
         sent = time.time()
-        produce(kafka_bootstrap, topics.input, [b'{"id": "lone", "text": "a quiet good film"}'])
-        [result] = read(kafka_bootstrap, topics.output, 1, timeout=10)
+        publish(kafka_settings, topics.input, [b'{"id": "lone", "text": "a quiet good film"}'])
+        [result] = read(kafka_settings, topics.output, 1, timeout=10)
     body = json.loads(result.value)
     assert body["id"] == "lone"
     assert body["classified_at"] - sent < 2.0, f"took {body['classified_at'] - sent:.3f}s"
 
 
-def kill_loop(tiny_artifact, topics, env, kafka_bootstrap, tmp_path, *extra):
+def kill_loop(artifact, topics, env, settings, tmp_path, *extra):
     topics.create(partitions=2)
     vals, keys, ids = reviews(5000)
-    stream = Stream(kafka_bootstrap, topics.input, vals, keys, seconds=10)
-    stream.start()
+    producer = stream(settings, topics.input, vals, keys, seconds=10)
     log = tmp_path / "worker.log"
     args = ("--max-batch-size", "32", *extra)
     for _ in range(3):
-        worker = WorkerProcess(tiny_artifact, topics, env, *args, log=log)
+        worker = start(artifact, topics, env, *args, log=log)
         time.sleep(3.0)
         assert worker.alive(), worker.tail()
         worker.kill()
-    stream.join()
-    with WorkerProcess(tiny_artifact, topics, env, *args, log=log) as worker:
+    producer.join()
+    with start(artifact, topics, env, *args, log=log) as worker:
         exactly_once = "exactly-once" in extra
-        results = read(kafka_bootstrap, topics.output, 5000, timeout=120, committed_only=exactly_once, settle=3)
+        results = read(settings, topics.output, 5000, timeout=120, committed_only=exactly_once, settle=3)
         assert worker.terminate() == 0, worker.tail()
-    got = Counter(json.loads(r.value)["id"] for r in results)
+    got = Counter(b["id"] for b in bodies(results))
     lost = set(ids) - set(got)
     duplicates = sum(got.values()) - len(got)
     print(f"\nsummary: sent=5000 classified={len(got)} lost={len(lost)} duplicated={duplicates} {extra}")
@@ -138,57 +136,53 @@ def kill_loop(tiny_artifact, topics, env, kafka_bootstrap, tmp_path, *extra):
     return duplicates
 
 
-def test_sigkill_three_times_at_least_once_loses_nothing(tiny_artifact, topics, env, kafka_bootstrap, tmp_path):
-    duplicates = kill_loop(tiny_artifact, topics, env, kafka_bootstrap, tmp_path)
+def test_sigkill_three_times_at_least_once_loses_nothing(tiny_artifact, topics, env, kafka_settings, tmp_path):
+    duplicates = kill_loop(tiny_artifact, topics, env, kafka_settings, tmp_path)
     assert duplicates <= 3 * 32
 
 
-def test_sigkill_three_times_exactly_once_has_no_duplicates(tiny_artifact, topics, env, kafka_bootstrap, tmp_path):
-    duplicates = kill_loop(tiny_artifact, topics, env, kafka_bootstrap, tmp_path,
+def test_sigkill_three_times_exactly_once_has_no_duplicates(tiny_artifact, topics, env, kafka_settings, tmp_path):
+    duplicates = kill_loop(tiny_artifact, topics, env, kafka_settings, tmp_path,
                            "--guarantee", "exactly-once", "--instance-id", "w0")
     assert duplicates == 0
 
 
 def test_two_workers_share_partitions_and_lose_nothing_when_one_stops(tiny_artifact, topics, env,
-                                                                       kafka_bootstrap, tmp_path):
+                                                                       kafka_settings, tmp_path):
     topics.create(partitions=4)
-    ports = free_port(), free_port()
-    a = WorkerProcess(tiny_artifact, topics, env, metrics_port=ports[0], log=tmp_path / "a.log")
-    b = WorkerProcess(tiny_artifact, topics, env, metrics_port=ports[1], log=tmp_path / "b.log")
+    a = start(tiny_artifact, topics, env, metrics_port=free_port(), log=tmp_path / "a.log")
+    b = start(tiny_artifact, topics, env, metrics_port=free_port(), log=tmp_path / "b.log")
     with a, b:
         a.wait_ready()
         b.wait_ready()
         vals, keys, ids = reviews(4000)
-        stream = Stream(kafka_bootstrap, topics.input, vals, keys, seconds=6)
-        stream.start()
+        producer = stream(kafka_settings, topics.input, vals, keys, seconds=6)
         time.sleep(3)
-        consumed_a = metric(a.metrics(), "sentiment_worker_messages_consumed_total")
-        consumed_b = metric(b.metrics(), "sentiment_worker_messages_consumed_total")
+        consumed_a = a.metric("sentiment_worker_messages_consumed_total")
+        consumed_b = b.metric("sentiment_worker_messages_consumed_total")
         assert a.terminate() == 0, a.tail()
-        stream.join()
-        results = read(kafka_bootstrap, topics.output, 4000, timeout=120, settle=2)
+        producer.join()
+        results = read(kafka_settings, topics.output, 4000, timeout=120, settle=2)
     assert consumed_a > 0 and consumed_b > 0, (consumed_a, consumed_b)
-    assert set(ids) <= {json.loads(r.value)["id"] for r in results}
+    assert set(ids) <= {b["id"] for b in bodies(results)}
 
 
-def test_sigterm_drains_commits_and_exits_zero(tiny_artifact, topics, env, kafka_bootstrap, tmp_path):
+def test_sigterm_drains_commits_and_exits_zero(tiny_artifact, topics, env, kafka_settings, tmp_path):
     topics.create(partitions=2)
     vals, keys, ids = reviews(3000)
-    produce(kafka_bootstrap, topics.input, vals, keys)
-    group = topics.worker_args()[-1]
-    worker = WorkerProcess(tiny_artifact, topics, env, log=tmp_path / "w.log")
-    with worker:
-        read(kafka_bootstrap, topics.output, 200, timeout=60)
+    publish(kafka_settings, topics.input, vals, keys)
+    with start(tiny_artifact, topics, env, log=tmp_path / "w.log") as worker:
+        read(kafka_settings, topics.output, 200, timeout=60)
         started = time.monotonic()
         assert worker.terminate(timeout=10) == 0, worker.tail()
         assert time.monotonic() - started < 10
-    positions = committed(kafka_bootstrap, group, topics.input, 2)
-    results = values(read(kafka_bootstrap, topics.output, sum(positions.values()), timeout=30, settle=2))
+    positions = committed(kafka_settings, topics.group, topics.input, 2)
+    results = bodies(read(kafka_settings, topics.output, sum(positions.values()), timeout=30, settle=2))
     done = {(b["source"]["partition"], b["source"]["offset"]) for b in results}
     assert len(results) == len(done) == sum(positions.values()), "exactly what was committed was published"
     assert done == {(p, o) for p, end in positions.items() for o in range(end)}
-    with WorkerProcess(tiny_artifact, topics, env, log=tmp_path / "w.log"):
-        rest = values(read(kafka_bootstrap, topics.output, 3000, timeout=120, settle=2))
+    with start(tiny_artifact, topics, env, log=tmp_path / "w.log"):
+        rest = bodies(read(kafka_settings, topics.output, 3000, timeout=120, settle=2))
     assert len(rest) == 3000 and {b["id"] for b in rest} == set(ids), "no loss and no duplicates after restart"
 
 
@@ -204,7 +198,7 @@ def one_line_error(result, started, contains):
     assert "Traceback" not in result.stderr
 
 
-def test_user_errors_end_in_one_line(tiny_artifact, topics, env, tmp_path):
+def test_user_errors_end_in_one_line(tiny_artifact, env, tmp_path):
     started = time.monotonic()
     one_line_error(run_worker(dict(env, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1"), "--model", str(tiny_artifact)),
                    started, "cannot reach Kafka")
@@ -218,11 +212,8 @@ def test_user_errors_end_in_one_line(tiny_artifact, topics, env, tmp_path):
     one_line_error(run_worker(env, "--model", str(tampered)), started, "does not match the manifest")
 
 
-def broker_creates_topics(bootstrap: str) -> bool:
-    from kafka import KafkaProducer
-    from kafka.errors import KafkaTimeoutError
-
-    producer = KafkaProducer(**KafkaSettings(bootstrap_servers=bootstrap).client_config("tests"), max_block_ms=3000)
+def broker_creates_topics(settings) -> bool:
+    producer = KafkaProducer(**settings.client_config("tests"), max_block_ms=3000)
     try:
         producer.partitions_for(f"auto-create-probe-{time.time_ns()}")
         return True
@@ -232,8 +223,9 @@ def broker_creates_topics(bootstrap: str) -> bool:
         producer.close(timeout=1)
 
 
-def test_missing_topic_is_a_clear_error_when_the_broker_does_not_create_topics(tiny_artifact, topics, env):
-    if broker_creates_topics(topics.bootstrap):
+def test_missing_topic_is_a_clear_error_when_the_broker_does_not_create_topics(tiny_artifact, topics, env,
+                                                                                kafka_settings):
+    if broker_creates_topics(kafka_settings):
         pytest.skip("this broker creates topics on first use (make test runs one that does not)")
     started = time.monotonic()
     one_line_error(run_worker(env, "--model", str(tiny_artifact), *topics.worker_args()), started, "does not exist")
