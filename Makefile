@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 WITH_BROKER := ops/kafka/with-broker
 export SST2_DIR ?= $(if $(wildcard ../shared/data/sst2/dev.tsv),$(abspath ../shared/data/sst2),)
 
-.PHONY: setup tools test test-long lint demo bench broker-start broker-stop clean
+.PHONY: setup tools test test-long lint demo bench gpu-bundle broker-start broker-stop clean
 
 setup: $(STAMP)
 
@@ -44,3 +44,8 @@ broker-stop:
 clean:
 	ops/kafka/local-broker stop || true
 	rm -rf .local $(VENV)
+
+gpu-bundle: setup  ## what ops/bench/gpu.sh needs on a GPU machine: the uncased vocabulary and sentences
+	@mkdir -p .gpu
+	$(PY) -c "from models.encoder import offline_folder; import shutil; shutil.copy(offline_folder() / 'vocab.txt', '.gpu/vocab.txt')"
+	$(PY) -c "from models.datasets import resolve; import shutil; shutil.copy(resolve('sst2-dev'), '.gpu/dev.tsv')"

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from contract.records import Review, Source, decode_review
+from ops.harness import read
 from tests.conftest import ROOT
-from tests.kafka_helpers import read
 
 
 def run_producer(python, env, *args, timeout=300):

@@ -1,0 +1,77 @@
+"""GPU benchmark: records/s by batch size and dtype, and GPU memory, for a lent NVIDIA machine.
+
+No Kafka and no internet: an in-memory source goes through the worker's own batcher and the
+same encoder + head code. The encoder is DistilBERT with random weights (real DistilBERT
+speed), built here with the uncased vocabulary file given by --vocab.
+
+    bash ops/bench/gpu.sh            # or: python -m ops.bench.gpu --vocab VOCAB --sentences TSV
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from contract.review_files import ReviewRow, read_reviews
+from models.build import save_random_distilbert
+from models.encoder import Encoder
+from models.head import TorchHead
+from ops.bench.ceiling import measure
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m ops.bench.gpu", description=__doc__)
+    parser.add_argument("--vocab", required=True, help="uncased BERT vocab.txt")
+    parser.add_argument("--sentences", required=True, help="a tsv/txt of review sentences")
+    parser.add_argument("--batch-sizes", default="1,8,32,64,128,256")
+    parser.add_argument("--dtypes", default="fp16,bf16,fp32")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per configuration")
+    parser.add_argument("--out", help="also write the figures as JSON here")
+    parser.add_argument("--device", default="cuda", help="cuda (cpu only to try the script out)")
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("error: no CUDA device here", file=sys.stderr)
+        return 2
+    texts = [r.text for r in read_reviews(args.sentences) if isinstance(r, ReviewRow)]
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    print(f"device: {device}; torch {torch.__version__}; {len(texts)} sentences", file=sys.stderr)
+    folder = save_random_distilbert(Path(tempfile.mkdtemp()) / "random-distilbert", vocab_file=Path(args.vocab))
+    rows = []
+    for dtype in args.dtypes.split(","):
+        encoder = Encoder.load(str(folder), args.device, dtype)
+        rng = np.random.default_rng(0)
+        estimator = LogisticRegression().fit(rng.normal(size=(64, encoder.hidden_size)), np.arange(64) % 2)
+        head = TorchHead(estimator, encoder.device)
+        for size in [int(s) for s in args.batch_sizes.split(",")]:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            result = measure(encoder, head, texts, size, max_batch_tokens=size * 128, min_seconds=args.seconds)
+            row = {"dtype": dtype, "max_batch_size": size, "records_per_s": round(result.per_second, 1),
+                   "padding_efficiency": round(result.padding_efficiency, 3),
+                   "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else 0.0,
+                   "wall_s": round(time.perf_counter() - started, 1)}
+            rows.append(row)
+            print(f"{dtype:>5} batch {size:>4}: {row['records_per_s']:9.1f} records/s  "
+                  f"peak {row['peak_gpu_mib']:8.1f} MiB  padding {row['padding_efficiency']:.3f}", flush=True)
+        del encoder, head
+        if cuda:
+            torch.cuda.empty_cache()
+    report = {"device": device, "torch": torch.__version__, "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
