@@ -50,11 +50,13 @@ def sync(device: torch.device) -> None:
 
 def measure(encoder: Encoder, head: TorchHead, texts: list[str], max_batch_size: int,
             max_batch_tokens: int = 8192, min_seconds: float = 3.0) -> CeilingResult:
-    """Records/s over whole passes of `texts` (at least `min_seconds`), after one warm-up batch."""
+    """Records/s over whole passes of `texts` (at least `min_seconds`), after one untimed pass that
+    warms up every batch shape (kernel selection, allocator, caches)."""
     work = batches(encoder, texts, max_batch_size, max_batch_tokens)
     real = sum(p.length for b in work for p in b)
     padded = sum(padded_tokens(b) for b in work)
-    head(encoder.cls([p.ids for p in work[len(work) // 2]]))
+    for batch in work:
+        head(encoder.cls([p.ids for p in batch])).cpu()
     sync(encoder.device)
     done, started = 0, time.perf_counter()
     while True:
