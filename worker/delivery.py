@@ -70,6 +70,10 @@ class AtLeastOnce:
             else:
                 self.consumer.commit_async(offsets)
 
+    def abandon(self) -> bool:
+        """Partitions were revoked; what is in flight stays in flight. Returns whether sent work was voided."""
+        return False
+
     def flush(self) -> None:
         """Wait until every sent message is acknowledged, then commit."""
         while self.outstanding:
@@ -125,6 +129,15 @@ class ExactlyOnce:
             self.on_delivered(message)
         self._sent.clear()
         self._began = None
+
+    def abandon(self) -> bool:
+        """Partitions were revoked: abort the open transaction, so nothing of it is ever seen."""
+        if self._began is None:
+            return False
+        self.producer.abort_transaction()
+        self._sent.clear()
+        self._began = None
+        return True
 
     def flush(self) -> None:
         self.commit(force=True)

@@ -46,6 +46,7 @@ class Worker:
         self.paused = False
         self.stopping = False
         self.last_poll = time.monotonic()
+        self.revoked_pending: set[TopicPartition] = set()
         parts = (producer, consumer, self.tracker, self._delivered, metrics.publish_errors.inc)
         self.delivery = (ExactlyOnce(*parts, commit_interval_s=config.commit_interval_ms / 1000)
                          if config.guarantee == "exactly-once" else AtLeastOnce(*parts))
@@ -106,6 +107,7 @@ class Worker:
         timeout = self._poll_timeout() if room > 0 else 0.0
         batches = self.consumer.poll(timeout_ms=int(timeout * 1000), max_records=max(1, room))
         self.last_poll = time.monotonic()
+        self._let_go()
         records = [r for rs in batches.values() for r in rs]
         if records:
             self._accept(records)
@@ -171,6 +173,8 @@ class Worker:
             self.metrics.observe_batch(len(scored.batch), real, padded_tokens(scored.batch), scored.seconds)
             at = time.time()
             for pending, score in zip(scored.batch, scored.scores.tolist(), strict=True):
+                if not self.tracker.holds(*pending.key):
+                    continue  # its partition was let go while it was on the device
                 record, review = pending.payload
                 source = Source(record.topic, record.partition, record.offset)
                 value = encode_result(review, score, self.artifact.model_id, source, at)
@@ -187,19 +191,39 @@ class Worker:
         self.metrics.delivered()
 
     # -- rebalance -----------------------------------------------------------------------------
+    # The client calls these on its I/O thread while the main thread waits in poll(), so they only
+    # take note; `_let_go` does the work on the main thread once poll() returns.
 
     def revoked(self, partitions: list[TopicPartition]) -> None:
-        """Never commit what was not sent: finish and commit everything in hand before letting go."""
-        if partitions:
-            self.drain()
-            self.tracker.forget(partitions)
-        self.paused = False
-        self.health.assigned = frozenset(self.consumer.assignment()) - set(partitions)
+        self.revoked_pending.update(partitions)
+        self.health.assigned = self.health.assigned - set(partitions)
 
     def assigned(self, partitions: list[TopicPartition]) -> None:
         self.metrics.rebalances.inc()
-        self.health.assigned = frozenset(self.consumer.assignment()) | set(partitions)
+        self.health.assigned = self.health.assigned | set(partitions)
         log.info("assigned %s", sorted(f"{tp.topic}:{tp.partition}" for tp in partitions))
+
+    def _let_go(self) -> None:
+        """Drop all work of revoked partitions (never commit what was not sent) and restart any of them
+        that came back from its committed offset. Under exactly-once the open transaction is aborted,
+        so every partition restarts from its committed offset."""
+        if not self.revoked_pending:
+            return
+        gone = set(self.revoked_pending)
+        self.revoked_pending.clear()
+        owned = set(self.consumer.assignment())
+        if self.delivery.abandon():
+            gone |= owned
+        self.tracker.forget(gone)
+        self.pool = [p for p in self.pool if p.key[0] not in gone]
+        for tp in gone & owned:
+            committed = self.consumer.committed(tp)
+            if committed is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
+        self.paused = False
+        log.info("let go of the work in hand of %d partition(s)", len(gone))
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -207,7 +231,15 @@ class _Rebalance(ConsumerRebalanceListener):
         self.worker = worker
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.worker.revoked(list(revoked))
+        try:
+            self.worker.revoked(list(revoked))
+        except Exception:  # the client hides the cause behind a generic error
+            log.exception("handling revoked partitions failed")
+            raise
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.worker.assigned(list(assigned))
+        try:
+            self.worker.assigned(list(assigned))
+        except Exception:
+            log.exception("handling assigned partitions failed")
+            raise

@@ -59,6 +59,10 @@ class OffsetTracker:
         self.records += 1
         self.bytes += size
 
+    def holds(self, tp: TopicPartition, offset: int) -> bool:
+        part = self._parts.get(tp)
+        return part is not None and offset in part.entries
+
     def complete(self, message: Outgoing) -> None:
         entry = self._parts[message.tp].entries[message.offset]
         entry[0], entry[1] = State.READY, message
