@@ -23,10 +23,11 @@ lint: setup
 	$(PY) -m ruff check .
 
 test: export KAFKA_AUTO_CREATE_TOPICS ?= false
-test: setup tools
-	$(WITH_BROKER) $(PY) -m pytest -ra $(PYTEST_ARGS)
+test: setup tools  ## everything but the long fault variants
+	$(WITH_BROKER) $(PY) -m pytest -ra -m "not long" $(PYTEST_ARGS)
 
-test-long: setup tools
+test-long: export KAFKA_AUTO_CREATE_TOPICS ?= false
+test-long: setup tools  ## the long fault variants (CI runs them when time allows)
 	$(WITH_BROKER) $(PY) -m pytest -ra -m long $(PYTEST_ARGS)
 
 demo: setup

@@ -33,3 +33,12 @@ def test_kafka_settings_from_env_never_show_the_password():
     assert "s3cret-pw" not in repr(settings) and "s3cret-pw" not in settings.describe()
     with pytest.raises(UserError, match="KAFKA_SASL_USERNAME"):
         KafkaSettings.from_env({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"})
+
+
+def test_tls_settings_are_passed_through_and_checked(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    settings = KafkaSettings.from_env({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CAFILE": str(ca)})
+    assert settings.client_config("c")["ssl_cafile"] == str(ca)
+    with pytest.raises(UserError, match="missing file"):
+        KafkaSettings.from_env({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CAFILE": str(tmp_path / "none.pem")})

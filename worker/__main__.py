@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
@@ -23,30 +23,36 @@ log = logging.getLogger("worker")
 TOPIC_WAIT_MS = 15_000
 
 
-def connect(config: WorkerConfig, settings: KafkaSettings) -> tuple[KafkaConsumer, KafkaProducer]:
-    """Clients for the loop; an unreachable broker, bad credentials or a missing topic end here in one line."""
+def connect(config: WorkerConfig, settings: KafkaSettings) -> tuple[KafkaConsumer, Callable[[], KafkaProducer]]:
+    """The consumer and a producer factory; an unreachable broker, bad credentials or a missing topic
+    end here in one line."""
     base = settings.client_config(f"sentiment-worker-{config.group}")
     exactly_once = config.guarantee == "exactly-once"
-    try:
-        producer = KafkaProducer(
+
+    def make_producer() -> KafkaProducer:
+        return KafkaProducer(
             **base, acks="all", enable_idempotence=True, linger_ms=2, max_block_ms=TOPIC_WAIT_MS,
             max_request_size=max(1 << 20, 2 * config.max_record_bytes),
             **({"transactional_id": config.transactional_id, "transaction_timeout_ms": 10_000}
                if exactly_once else {}))
-        for topic in (config.input_topic, config.output_topic, config.dlq_topic):
-            try:
-                producer.partitions_for(topic)  # the broker creates it here when auto-creation is on
-            except KafkaTimeoutError:
-                producer.close(timeout=0)
-                raise UserError(f"topic {topic!r} does not exist and the broker does not create topics; "
-                                "create it first") from None
+
+    try:
+        probe = make_producer()
+        try:
+            for topic in (config.input_topic, config.output_topic, config.dlq_topic):
+                probe.partitions_for(topic)  # the broker creates it here when auto-creation is on
+        except KafkaTimeoutError:
+            raise UserError(f"topic {topic!r} does not exist and the broker does not create topics; "
+                            "create it first") from None
+        finally:
+            probe.close(timeout=0)
         consumer = KafkaConsumer(
             **base, group_id=config.group, enable_auto_commit=False, auto_offset_reset="earliest",
             isolation_level="read_committed", fetch_min_bytes=1, fetch_max_wait_ms=max(1, config.max_wait_ms),
             max_poll_records=config.max_batch_size * 4, max_partition_fetch_bytes=2 * config.max_record_bytes)
     except KafkaError as err:
         raise explain_connection_error(settings, err) from None
-    return consumer, producer
+    return consumer, make_producer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,12 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     health.model_loaded = True
     log.info("model %s: encoder %s on %s (%s), guarantee %s, Kafka %s", artifact.model_id, encoder.name,
              encoder.device, encoder.dtype_name, config.guarantee, settings.describe())
-    consumer, producer = connect(config, settings)
+    consumer, make_producer = connect(config, settings)
     lag = LagMonitor(settings, config.group, metrics, health)
     lag.start()
     inference = InferenceStage(encoder, TorchHead(artifact.estimator, encoder.device))
     try:
-        Worker(config, settings, encoder, artifact, inference, metrics, health, consumer, producer).run()
+        Worker(config, settings, encoder, artifact, inference, metrics, health, consumer, make_producer).run()
     except KafkaError as err:
         raise explain_connection_error(settings, err) from None
     finally:

@@ -23,15 +23,23 @@ from worker.tracker import OffsetTracker, Outgoing
 log = logging.getLogger(__name__)
 
 OnDelivered = Callable[[Outgoing], None]
+RETRY_BACKOFF_MIN_S = 0.1
+RETRY_BACKOFF_MAX_S = 5.0
+RENEW_AFTER_ROUNDS = 3
 
 
 class AtLeastOnce:
-    def __init__(self, producer: KafkaProducer, consumer: KafkaConsumer, tracker: OffsetTracker,
+    def __init__(self, make_producer: Callable[[], KafkaProducer], consumer: KafkaConsumer, tracker: OffsetTracker,
                  on_delivered: OnDelivered, on_error: Callable[[], None]) -> None:
-        self.producer, self.consumer, self.tracker = producer, consumer, tracker
+        self.make_producer = make_producer
+        self.producer, self.consumer, self.tracker = make_producer(), consumer, tracker
         self.on_delivered, self.on_error = on_delivered, on_error
         self._done: queue.SimpleQueue[tuple[Outgoing, Exception | None]] = queue.SimpleQueue()
-        self.outstanding = 0
+        self.outstanding = 0  # sent or waiting to be sent again, not yet acknowledged
+        self._retry: list[Outgoing] = []
+        self._retry_at = 0.0
+        self._backoff = RETRY_BACKOFF_MIN_S
+        self._failed_rounds = 0
 
     def _send(self, message: Outgoing) -> None:
         future = self.producer.send(message.topic, key=message.key, value=message.value, headers=message.headers)
@@ -44,20 +52,44 @@ class AtLeastOnce:
             self._send(message)
 
     def settle(self) -> None:
-        """Take in the broker's answers; a message that failed after the client's retries is sent again."""
+        """Take in the broker's answers. A message that failed after the client's own retries is sent
+        again after a backoff (up to 5 s), for as long as it takes: its offset is not committed meanwhile."""
         while True:
             try:
                 message, err = self._done.get_nowait()
             except queue.Empty:
-                return
+                break
             self.outstanding -= 1
             if err is None:
                 self.tracker.acked(message.tp, message.offset)
                 self.on_delivered(message)
-            else:
-                log.warning("publish of %s:%s failed (%s); sending again", message.tp, message.offset, err)
-                self.on_error()
+                if not self._retry:
+                    self._backoff, self._failed_rounds = RETRY_BACKOFF_MIN_S, 0
+                continue
+            if not self._retry:
+                log.warning("publishing to %s fails (%s: %s); retrying with backoff, not committing",
+                            message.topic, type(err).__name__, err)
+                self._retry_at = time.monotonic() + self._backoff
+                self._backoff = min(RETRY_BACKOFF_MAX_S, self._backoff * 2)
+                self._failed_rounds += 1
+            self.on_error()
+            self._retry.append(message)
+            self.outstanding += 1
+        if self._retry and time.monotonic() >= self._retry_at:
+            if self._failed_rounds >= RENEW_AFTER_ROUNDS:
+                self._renew_producer()
+            again, self._retry = self._retry, []
+            self.outstanding -= len(again)
+            for message in again:
                 self._send(message)
+
+    def _renew_producer(self) -> None:
+        """A client that keeps failing may hold stale state (seen: it went on refusing after the broker
+        accepted again); a fresh one starts clean. Its unsent messages fail over to the retry list."""
+        log.warning("replacing the Kafka producer after %d failed rounds", self._failed_rounds)
+        old, self.producer = self.producer, self.make_producer()
+        old.close(timeout=0)
+        self._failed_rounds = 0
 
     def commit(self, force: bool = False) -> None:
         """Commit positions that moved; `force` (drain, rebalance, shutdown) waits for the broker's answer."""
@@ -85,14 +117,14 @@ class AtLeastOnce:
 
 
 class ExactlyOnce:
-    def __init__(self, producer: KafkaProducer, consumer: KafkaConsumer, tracker: OffsetTracker,
+    def __init__(self, make_producer: Callable[[], KafkaProducer], consumer: KafkaConsumer, tracker: OffsetTracker,
                  on_delivered: OnDelivered, on_error: Callable[[], None], commit_interval_s: float) -> None:
-        self.producer, self.consumer, self.tracker = producer, consumer, tracker
+        self.producer, self.consumer, self.tracker = make_producer(), consumer, tracker
         self.on_delivered, self.on_error = on_delivered, on_error
         self.commit_interval_s = commit_interval_s
         self._sent: list[Outgoing] = []
         self._began: float | None = None
-        producer.init_transactions()
+        self.producer.init_transactions()
 
     @property
     def outstanding(self) -> int:

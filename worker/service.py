@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
@@ -36,10 +36,10 @@ KEEPALIVE_POLL_S = 1.0
 class Worker:
     def __init__(self, config: WorkerConfig, settings: KafkaSettings, encoder: Encoder, artifact: Artifact,
                  inference: InferenceStage, metrics: WorkerMetrics, health: Health,
-                 consumer: KafkaConsumer, producer: KafkaProducer) -> None:
+                 consumer: KafkaConsumer, make_producer: Callable[[], KafkaProducer]) -> None:
         self.config, self.settings, self.encoder, self.artifact = config, settings, encoder, artifact
         self.inference, self.metrics, self.health = inference, metrics, health
-        self.consumer, self.producer = consumer, producer
+        self.consumer = consumer
         self.caps = BatchCaps(config.max_batch_size, config.max_batch_tokens, config.max_wait_ms / 1000)
         self.tracker = OffsetTracker()
         self.pool: list[Pending] = []
@@ -47,7 +47,7 @@ class Worker:
         self.stopping = False
         self.last_poll = time.monotonic()
         self.revoked_pending: set[TopicPartition] = set()
-        parts = (producer, consumer, self.tracker, self._delivered, metrics.publish_errors.inc)
+        parts = (make_producer, consumer, self.tracker, self._delivered, metrics.publish_errors.inc)
         self.delivery = (ExactlyOnce(*parts, commit_interval_s=config.commit_interval_ms / 1000)
                          if config.guarantee == "exactly-once" else AtLeastOnce(*parts))
 
@@ -65,7 +65,7 @@ class Worker:
         log.info("stopping: finishing %d records in hand", len(self.tracker))
         self.drain()
         self.consumer.close()  # leaves the group, so partitions move at once
-        self.producer.close(timeout=10)
+        self.delivery.producer.close(timeout=10)
         self.inference.close()
 
     def step(self) -> None:
