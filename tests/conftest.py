@@ -139,3 +139,12 @@ def sst2_dir() -> Path:
     if not folder or not (Path(folder) / "dev.tsv").is_file():
         pytest.skip("SST-2 not available: set SST2_DIR to a folder holding train.tsv and dev.tsv")
     return Path(folder)
+
+
+def sasl_env(env: dict[str, str], password: str) -> dict[str, str]:
+    """`env` pointed at the local broker's SASL/SCRAM listener as user `sentiment` with `password`."""
+    bootstrap = os.environ.get("KAFKA_SASL_BOOTSTRAP")
+    if not bootstrap:
+        pytest.skip("the SASL/SCRAM listener comes with the local broker (make test)")
+    return dict(env, KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT",
+                KAFKA_SASL_MECHANISM="SCRAM-SHA-512", KAFKA_SASL_USERNAME="sentiment", KAFKA_SASL_PASSWORD=password)

@@ -4,7 +4,6 @@ that refuses writes, and security. Every scenario must lose nothing."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from kafka import KafkaAdminClient, TopicPartition
 
 from ops.harness import WorkerProcess, free_port, publish, read
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sasl_env
 from tests.faults.conftest import PeakMemory, broker
 
 MIB = 1 << 20
@@ -178,14 +177,6 @@ def test_output_refusing_writes_for_20s(tiny_artifact, topics, env, kafka_settin
     assert lost == 0 and errors > 0
     print(f"worker peak memory during the outage: {peak / MIB:.0f} MiB")
     assert peak < 3 * 1024 * MIB
-
-
-def sasl_env(env, password):
-    bootstrap = os.environ.get("KAFKA_SASL_BOOTSTRAP")
-    if not bootstrap:
-        pytest.skip("the SASL/SCRAM listener comes with the local broker (make test)")
-    return dict(env, KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT",
-                KAFKA_SASL_MECHANISM="SCRAM-SHA-512", KAFKA_SASL_USERNAME="sentiment", KAFKA_SASL_PASSWORD=password)
 
 
 def test_sasl_worker_and_producer_with_right_and_wrong_credentials(tiny_artifact, topics, env, kafka_settings,

@@ -1,7 +1,6 @@
 """The producer against a real broker: every row arrives, rate limiting, SASL, kcat interoperability."""
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -10,7 +9,7 @@ import pytest
 
 from contract.records import Review, Source, decode_review
 from ops.harness import read
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sasl_env
 
 
 def run_producer(python, env, *args, timeout=300):
@@ -69,14 +68,6 @@ def test_missing_input_and_unreachable_broker_are_one_line_errors(python, env, t
     assert away.returncode != 0 and time.monotonic() - started < 30
     assert away.stderr.strip().splitlines()[-1].startswith("error: cannot reach Kafka")
     assert "Traceback" not in away.stderr
-
-
-def sasl_env(env, password):
-    bootstrap = os.environ.get("KAFKA_SASL_BOOTSTRAP")
-    if not bootstrap:
-        pytest.skip("the SASL/SCRAM listener comes with the local broker (make test)")
-    return dict(env, KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT",
-                KAFKA_SASL_MECHANISM="SCRAM-SHA-512", KAFKA_SASL_USERNAME="sentiment", KAFKA_SASL_PASSWORD=password)
 
 
 def test_sasl_scram_right_and_wrong_credentials(python, env, topics, tmp_path):
