@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lag.start()
     inference = InferenceStage(encoder, TorchHead(artifact.estimator, encoder.device))
     try:
-        Worker(config, settings, encoder, artifact, inference, metrics, health, consumer, make_producer).run()
+        Worker(config, encoder, artifact, inference, metrics, health, consumer, make_producer).run()
     except KafkaError as err:
         raise explain_connection_error(settings, err) from None
     finally:

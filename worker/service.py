@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from contract.kafka import KafkaSettings
 from contract.records import Rejection, Source, decode_review, encode_dead_letter, encode_result, label_of
 from models.artifact import Artifact
 from models.encoder import Encoder
@@ -34,10 +33,10 @@ KEEPALIVE_POLL_S = 1.0
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, settings: KafkaSettings, encoder: Encoder, artifact: Artifact,
+    def __init__(self, config: WorkerConfig, encoder: Encoder, artifact: Artifact,
                  inference: InferenceStage, metrics: WorkerMetrics, health: Health,
                  consumer: KafkaConsumer, make_producer: Callable[[], KafkaProducer]) -> None:
-        self.config, self.settings, self.encoder, self.artifact = config, settings, encoder, artifact
+        self.config, self.encoder, self.artifact = config, encoder, artifact
         self.inference, self.metrics, self.health = inference, metrics, health
         self.consumer = consumer
         self.caps = BatchCaps(config.max_batch_size, config.max_batch_tokens, config.max_wait_ms / 1000)
