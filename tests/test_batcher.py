@@ -5,7 +5,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.batcher import BatchCaps, Pending, next_batch, padded_tokens
+from worker.batcher import STARVATION_S, BatchCaps, Pending, next_batch, padded_tokens
 
 
 def pending(length, arrived=0.0, n=[0]):  # noqa: B006 - a counter for unique keys
@@ -61,3 +61,13 @@ def test_caps_always_hold_and_every_record_is_served(lengths, size, tokens):
         served += len(batch)
         pool = [p for p in pool if p not in batch]
     assert served == len(lengths)
+
+
+def test_busy_device_gets_closed_batches_first_but_the_oldest_never_starves():
+    old = pending(20, arrived=0.0)  # alone in its length range: a partial batch
+    fresh = [pending(4, arrived=0.1) for _ in range(4)]  # one full batch
+    pool = [old, *fresh]
+    assert next_batch(pool, CAPS, now=0.1, device_busy=True) == fresh
+    assert next_batch([old], CAPS, now=0.1, device_busy=True) is None
+    assert next_batch([old], CAPS, now=CAPS.max_wait_s + STARVATION_S, device_busy=True) == [old]
+    assert next_batch([old], CAPS, now=0.1, device_busy=False) == [old]

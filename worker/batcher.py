@@ -2,7 +2,8 @@
 
 Records are sorted by token length and cut greedily into batches that respect both
 caps (rows and padded tokens = rows × longest row). A batch goes to the device once
-a cap closed it, or once `max_wait` passed since its first record arrived.
+a cap closed it, or once `max_wait` passed since its first record arrived; the oldest
+record's batch is served first, so no record (and no partition behind it) starves.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+STARVATION_S = 0.25  # longest a partial batch holding the oldest record waits behind full ones
 
 
 @dataclass(frozen=True)
@@ -54,18 +57,25 @@ def _cut(ordered: list[Pending], caps: BatchCaps) -> list[tuple[list[Pending], b
     return batches
 
 
-def next_batch(pool: Sequence[Pending], caps: BatchCaps, now: float, partial_ok: bool = True) -> list[Pending] | None:
-    """The batch to run now, or None: among batches closed by a cap (or, when `partial_ok`, whose
-    wait expired), the one holding the oldest record."""
+def next_batch(pool: Sequence[Pending], caps: BatchCaps, now: float, device_busy: bool = False) -> list[Pending] | None:
+    """The batch to run next, or None.
+
+    The batch holding the oldest record goes first once a cap closed it or its wait expired; while
+    the device is busy a partial batch waits (records arriving meanwhile can still join) unless its
+    oldest record has starved for STARVATION_S. Otherwise any closed batch, oldest first, may go."""
     if not pool:
         return None
-    ordered = sorted(pool, key=lambda p: p.length)
-    ready = []
-    for batch, full in _cut(ordered, caps):
-        first = min(p.arrived for p in batch)
-        if full or (partial_ok and now - first >= caps.max_wait_s):
-            ready.append((first, batch))
-    return min(ready, key=lambda item: item[0])[1] if ready else None
+    batches = [(min(p.arrived for p in batch), batch, full) for batch, full in _cut(sorted(pool, key=_length), caps)]
+    first, batch, full = min(batches, key=lambda item: item[0])
+    waited = now - first
+    if full or (waited >= caps.max_wait_s and (not device_busy or waited >= caps.max_wait_s + STARVATION_S)):
+        return batch
+    closed = [item for item in batches if item[2]]
+    return min(closed, key=lambda item: item[0])[1] if closed else None
+
+
+def _length(p: Pending) -> int:
+    return p.length
 
 
 def next_deadline(pool: Sequence[Pending], caps: BatchCaps) -> float | None:

@@ -155,11 +155,10 @@ class Worker:
             self.pool.append(Pending((tp, record.offset), ids, now, (record, review)))
 
     def _dispatch(self, force: bool) -> None:
-        """Queue full batches ahead of the device; a partial (expired) batch only goes to an idle device,
-        so that records arriving while it is busy can still join."""
+        """Keep up to the inference depth queued; `next_batch` decides which batch may go."""
         while self.pool and self.inference.has_room():
             caps = BatchCaps(self.caps.max_size, self.caps.max_tokens, 0.0) if force else self.caps
-            batch = next_batch(self.pool, caps, time.monotonic(), partial_ok=force or not self.inference.busy)
+            batch = next_batch(self.pool, caps, time.monotonic(), device_busy=bool(self.inference.busy) and not force)
             if batch is None:
                 return
             chosen = {id(p) for p in batch}
