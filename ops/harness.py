@@ -134,6 +134,7 @@ class WorkerProcess:
             return response.read().decode()
 
     def wait_ready(self, timeout: float = 120) -> WorkerProcess:
+        """Wait for /readyz; a worker that does not get there is killed, never left behind."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
@@ -143,6 +144,7 @@ class WorkerProcess:
                 return self
             except OSError:
                 time.sleep(0.2)
+        self.__exit__()
         raise RuntimeError(f"the worker was not ready within {timeout:.0f} s: {self.tail()}")
 
     def metrics(self) -> str:

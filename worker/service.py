@@ -46,6 +46,8 @@ class Worker:
         self.stopping = False
         self.last_poll = time.monotonic()
         self.revoked_pending: set[TopicPartition] = set()
+        self.assignment_done = False
+        self.rewind: set[TopicPartition] = set()
         parts = (make_producer, consumer, self.tracker, self._delivered, metrics.publish_errors.inc)
         self.delivery = (ExactlyOnce(*parts, commit_interval_s=config.commit_interval_ms / 1000)
                          if config.guarantee == "exactly-once" else AtLeastOnce(*parts))
@@ -106,7 +108,7 @@ class Worker:
         timeout = self._poll_timeout() if room > 0 else 0.0
         batches = self.consumer.poll(timeout_ms=int(timeout * 1000), max_records=max(1, room))
         self.last_poll = time.monotonic()
-        self._let_go()
+        self._rebalanced()
         records = [r for rs in batches.values() for r in rs]
         if records:
             self._accept(records)
@@ -190,38 +192,45 @@ class Worker:
 
     # -- rebalance -----------------------------------------------------------------------------
     # The client calls these on its I/O thread while the main thread waits in poll(), so they only
-    # take note; `_let_go` does the work on the main thread once poll() returns.
+    # take note; `_rebalanced` does the work on the main thread once poll() returns.
 
     def revoked(self, partitions: list[TopicPartition]) -> None:
         self.revoked_pending.update(partitions)
         self.health.assigned = self.health.assigned - set(partitions)
 
     def assigned(self, partitions: list[TopicPartition]) -> None:
+        self.assignment_done = True
         self.metrics.rebalances.inc()
         self.health.assigned = self.health.assigned | set(partitions)
         log.info("assigned %s", sorted(f"{tp.topic}:{tp.partition}" for tp in partitions))
 
-    def _let_go(self) -> None:
-        """Drop all work of revoked partitions (never commit what was not sent) and restart any of them
-        that came back from its committed offset. Under exactly-once the open transaction is aborted,
-        so every partition restarts from its committed offset."""
-        if not self.revoked_pending:
-            return
-        gone = set(self.revoked_pending)
-        self.revoked_pending.clear()
-        owned = set(self.consumer.assignment())
-        if self.delivery.abandon():
-            gone |= owned
-        self.tracker.forget(gone)
-        self.pool = [p for p in self.pool if p.key[0] not in gone]
-        for tp in gone & owned:
-            committed = self.consumer.committed(tp)
-            if committed is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, committed)
-        self.paused = False
-        log.info("let go of the work in hand of %d partition(s)", len(gone))
+    def _rebalanced(self) -> None:
+        """Drop the work in hand of revoked partitions at once (never commit what was not sent); once
+        the rebalance has completed, restart those we own again from their committed offsets. Under
+        exactly-once the open transaction is aborted, so that holds for every partition."""
+        if self.revoked_pending:
+            gone = set(self.revoked_pending)
+            self.revoked_pending.clear()
+            if self.delivery.abandon():
+                gone |= set(self.consumer.assignment())
+            self._drop(gone)
+            self.rewind |= gone
+        if self.assignment_done:
+            self.assignment_done = False
+            back = self.rewind & set(self.consumer.assignment())
+            self._drop(back)  # anything fetched for them mid-rebalance is fetched again
+            for tp in back:
+                committed = self.consumer.committed(tp)
+                if committed is None:
+                    self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, committed)
+            self.rewind.clear()
+            self.paused = False
+
+    def _drop(self, partitions: set[TopicPartition]) -> None:
+        self.tracker.forget(partitions)
+        self.pool = [p for p in self.pool if p.key[0] not in partitions]
 
 
 class _Rebalance(ConsumerRebalanceListener):

@@ -118,7 +118,8 @@ def main() -> int:
         topics = Topics.prefixed(settings, f"{run_id}.{name}").create()
         if backlog:
             publish(settings, topics.input, [encode_review(f"b{i}", t) for i, t in enumerate(backlog)])
-        proc = WorkerProcess(artifact_dir, topics, "--dtype", dtype, "--device", "cpu", metrics_port=free_port())
+        proc = WorkerProcess(artifact_dir, topics, "--dtype", dtype, "--device", "cpu", metrics_port=free_port(),
+                             log=OUT / f"worker-{name}.log")
         return proc.wait_ready(), topics
 
     say("(b) worker end to end through Kafka on a backlog")
