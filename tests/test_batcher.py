@@ -71,3 +71,10 @@ def test_busy_device_gets_closed_batches_first_but_the_oldest_never_starves():
     assert next_batch([old], CAPS, now=0.1, device_busy=True) is None
     assert next_batch([old], CAPS, now=CAPS.max_wait_s + STARVATION_S, device_busy=True) == [old]
     assert next_batch([old], CAPS, now=0.1, device_busy=False) == [old]
+
+
+def test_ties_in_arrival_time_are_served_in_arrival_order():
+    """Records of one poll arrive together; the first of them (lowest offset) must not wait behind the rest."""
+    pool = [Pending(("tp", i), [1] * length, 0.0, seq=i) for i, length in enumerate([40, 3, 3, 3, 3, 3, 3, 3, 3])]
+    batch = next_batch(pool, CAPS, now=1.0, device_busy=True)
+    assert pool[0] in batch

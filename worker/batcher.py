@@ -30,6 +30,7 @@ class Pending:
     ids: list[int]
     arrived: float
     payload: Any = None
+    seq: int = 0  # arrival order: breaks ties between records of one poll, keeping offset order
 
     @property
     def length(self) -> int:
@@ -65,9 +66,9 @@ def next_batch(pool: Sequence[Pending], caps: BatchCaps, now: float, device_busy
     oldest record has starved for STARVATION_S. Otherwise any closed batch, oldest first, may go."""
     if not pool:
         return None
-    batches = [(min(p.arrived for p in batch), batch, full) for batch, full in _cut(sorted(pool, key=_length), caps)]
+    batches = [(min(map(_age, batch)), batch, full) for batch, full in _cut(sorted(pool, key=_length), caps)]
     first, batch, full = min(batches, key=lambda item: item[0])
-    waited = now - first
+    waited = now - first[0]
     if full or (waited >= caps.max_wait_s and (not device_busy or waited >= caps.max_wait_s + STARVATION_S)):
         return batch
     closed = [item for item in batches if item[2]]
@@ -76,6 +77,10 @@ def next_batch(pool: Sequence[Pending], caps: BatchCaps, now: float, device_busy
 
 def _length(p: Pending) -> int:
     return p.length
+
+
+def _age(p: Pending) -> tuple[float, int]:
+    return p.arrived, p.seq
 
 
 def next_deadline(pool: Sequence[Pending], caps: BatchCaps) -> float | None:

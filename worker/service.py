@@ -47,6 +47,7 @@ class Worker:
         self.last_poll = time.monotonic()
         self.revoked_pending: set[TopicPartition] = set()
         self.assignment_done = False
+        self.arrivals = 0
         self.rewind: set[TopicPartition] = set()
         parts = (make_producer, consumer, self.tracker, self._delivered, metrics.publish_errors.inc)
         self.delivery = (ExactlyOnce(*parts, commit_interval_s=config.commit_interval_ms / 1000)
@@ -154,7 +155,8 @@ class Worker:
         self.metrics.truncated.inc(sum(tokens.truncated))
         for (record, review), ids in zip(valid, tokens.ids, strict=True):
             tp = TopicPartition(record.topic, record.partition)
-            self.pool.append(Pending((tp, record.offset), ids, now, (record, review)))
+            self.arrivals += 1
+            self.pool.append(Pending((tp, record.offset), ids, now, (record, review), self.arrivals))
 
     def _dispatch(self, force: bool) -> None:
         """Keep up to the inference depth queued; `next_batch` decides which batch may go."""
