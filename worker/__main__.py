@@ -49,7 +49,8 @@ def connect(config: WorkerConfig, settings: KafkaSettings) -> tuple[KafkaConsume
         consumer = KafkaConsumer(
             **base, group_id=config.group, enable_auto_commit=False, auto_offset_reset="earliest",
             isolation_level="read_committed", fetch_min_bytes=1, fetch_max_wait_ms=max(1, config.max_wait_ms),
-            max_poll_records=config.max_batch_size * 4, max_partition_fetch_bytes=2 * config.max_record_bytes)
+            max_poll_records=config.max_batch_size * 4, max_partition_fetch_bytes=2 * config.max_record_bytes,
+            metadata_max_age_ms=5_000)  # a join that saw no partitions (seen: empty assignment) is retried soon
     except KafkaError as err:
         raise explain_connection_error(settings, err) from None
     return consumer, make_producer
