@@ -30,6 +30,8 @@ log = logging.getLogger("worker")
 
 IDLE_POLL_S = 0.1
 KEEPALIVE_POLL_S = 1.0
+REJOIN_AFTER_S = 10.0
+MAX_REJOINS = 3
 
 
 class Worker:
@@ -48,6 +50,8 @@ class Worker:
         self.revoked_pending: set[TopicPartition] = set()
         self.assignment_done = False
         self.arrivals = 0
+        self.rejoins = 0
+        self.subscribed_at = time.monotonic()
         self.rewind: set[TopicPartition] = set()
         parts = (make_producer, consumer, self.tracker, self._delivered, metrics.publish_errors.inc)
         self.delivery = (ExactlyOnce(*parts, commit_interval_s=config.commit_interval_ms / 1000)
@@ -61,14 +65,35 @@ class Worker:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        self.consumer.subscribe([self.config.input_topic], listener=_Rebalance(self))
+        self._subscribe()
         while not self.stopping:
             self.step()
+            self._rejoin_if_left_out()
         log.info("stopping: finishing %d records in hand", len(self.tracker))
         self.drain()
         self.consumer.close()  # leaves the group, so partitions move at once
         self.delivery.producer.close(timeout=10)
         self.inference.close()
+
+    def _subscribe(self) -> None:
+        self.consumer.subscribe([self.config.input_topic], listener=_Rebalance(self))
+        self.subscribed_at = time.monotonic()
+
+    def _rejoin_if_left_out(self) -> None:
+        """kafka-python 3.0 was seen to hand a member an empty assignment right after start (leader
+        without the topic's partitions) and never rebalance again. While the topic has partitions and
+        this worker owns none, rejoin a few times, at growing intervals (an idle extra worker is left
+        alone afterwards)."""
+        if self.health.assigned or self.rejoins >= MAX_REJOINS:
+            return
+        if time.monotonic() - self.subscribed_at < REJOIN_AFTER_S * 2**self.rejoins:
+            return
+        if self.delivery.producer.partitions_for(self.config.input_topic):
+            self.rejoins += 1
+            log.warning("no partitions assigned although %s has some; rejoining the group (%d/%d)",
+                        self.config.input_topic, self.rejoins, MAX_REJOINS)
+            self.consumer.unsubscribe()
+            self._subscribe()
 
     def step(self) -> None:
         self.health.tick()
