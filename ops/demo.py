@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.time() - started
         dead = [json.loads(r.value) for r in read(settings, topics.dlq, 0, timeout=3, settle=2)
                 if r.key == run_id.encode()]
-        inputs = {json.loads(r.value)["id"]: r.timestamp / 1000
-                  for r in read(settings, topics.input, 0, timeout=3, settle=2) if r.key and r.key != run_id.encode()}
+        inputs = {r.key.decode(): r.timestamp / 1000  # this run's reviews are keyed by their id
+                  for r in read(settings, topics.input, 0, timeout=3, settle=2)
+                  if r.key and r.key.startswith(f"{run_id}-".encode())}
         scrape = worker.metrics()
         assert worker.terminate() == 0, worker.tail()
     summarize(records, dead, inputs, seconds, port, scrape)
