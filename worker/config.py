@@ -33,6 +33,9 @@ class WorkerConfig:
     guarantee: str = "at-least-once"
     commit_interval_ms: int = 100
     instance_id: str = ""
+    static_membership: bool = False
+    session_timeout_ms: int = 10_000
+    max_device_failures: int = 3
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9108
     log_level: str = "INFO"
@@ -43,6 +46,10 @@ class WorkerConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_in_flight < self.max_batch_size:
             raise UserError("--max-in-flight must be at least --max-batch-size")
+        if self.max_device_failures < 1:
+            raise UserError("--max-device-failures must be at least 1")
+        if self.static_membership and not self.instance_id:
+            raise UserError("--static-membership needs a stable --instance-id (a pod name)")
         if self.max_wait_ms < 0 or self.commit_interval_ms < 0:
             raise UserError("--max-wait-ms and --commit-interval-ms cannot be negative")
 
@@ -69,8 +76,14 @@ def parse_args(argv: Sequence[str] | None = None) -> WorkerConfig:
     p.add_argument("--max-in-flight", type=int, default=2048, help="records held between poll and commit")
     p.add_argument("--max-in-flight-bytes", type=int, default=64 << 20, help="input bytes held, at most")
     p.add_argument("--guarantee", default="at-least-once", choices=GUARANTEES)
-    p.add_argument("--commit-interval-ms", type=int, default=100, help="exactly-once: transaction length")
-    p.add_argument("--instance-id", default="", help="stable name of this replica (exactly-once fencing)")
+    p.add_argument("--commit-interval-ms", type=int, default=100, help="pace of commits (and transactions)")
+    p.add_argument("--instance-id", default="", help="stable name of this replica: its transactional id")
+    p.add_argument("--static-membership", action="store_true",
+                   help="use --instance-id as the group instance id (KIP-345): a restart keeps its partitions")
+    p.add_argument("--session-timeout-ms", type=int, default=10_000,
+                   help="the group drops a member silent this long (a static member: its partitions wait)")
+    p.add_argument("--max-device-failures", type=int, default=3,
+                   help="forward calls failing in a row before the worker exits (the device is broken)")
     p.add_argument("--metrics-host", default="0.0.0.0")
     p.add_argument("--metrics-port", type=int, default=9108, help="0 turns the metrics server off")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
