@@ -50,7 +50,7 @@ def connect(config: WorkerConfig, settings: KafkaSettings) -> tuple[KafkaPythonC
                             "create it first") from None
         finally:
             probe.close(timeout=0)
-        consumer = KafkaPythonConsumer(
+        consumer = KafkaPythonConsumer.connect(
             settings, base["client_id"], config.group, config.max_wait_ms, config.max_batch_size * 4,
             config.max_record_bytes, config.session_timeout_ms,
             config.instance_id if config.static_membership else None)

@@ -21,6 +21,7 @@ import logging
 import queue
 import time
 from collections.abc import Callable
+from time import monotonic as clock  # one name, so a test can run this on its own clock
 
 from contract.cli import UserError
 from contract.records import DeadLetterCode, Rejection, Source, copy_headers, encode_dead_letter
@@ -67,10 +68,10 @@ class _Delivery:
         self._backoff = BACKOFF_MIN_S
         self._failed_rounds = 0
         self._resume_at = 0.0
-        self._last_commit = time.monotonic()
+        self._last_commit = clock()
 
     def publish(self) -> None:
-        now = time.monotonic()
+        now = clock()
         if now < self._resume_at:
             return
         entries = self.tracker.release(now, self.one_round)
@@ -89,7 +90,7 @@ class _Delivery:
         self.on_error()
         refusal = self.producer.refusal(err)
         if refusal is Refusal.RETRY and self.refusing_since is None:
-            self.refusing_since = time.monotonic()
+            self.refusing_since = clock()
             log.warning("publishing fails (%s: %s); retrying with backoff, not committing", type(err).__name__, err)
         return refusal
 
@@ -99,13 +100,13 @@ class _Delivery:
         self._failed_rounds += 1
         if self._failed_rounds % RENEW_AFTER_ROUNDS == 0:
             self._renew_producer()
-        until = time.monotonic() + self._backoff
+        until = clock() + self._backoff
         self._backoff = min(BACKOFF_MAX_S, self._backoff * 2)
         return until
 
     def _recovered(self) -> None:
         if self.refusing_since is not None:
-            log.info("publishing works again after %.1f s", time.monotonic() - self.refusing_since)
+            log.info("publishing works again after %.1f s", clock() - self.refusing_since)
         self.refusing_since, self._backoff, self._failed_rounds = None, BACKOFF_MIN_S, 0
 
     def _renew_producer(self) -> None:
@@ -114,7 +115,7 @@ class _Delivery:
         old.close(timeout_s=0)
 
     def _commit_due(self) -> bool:
-        return time.monotonic() - self._last_commit >= self.commit_interval_s
+        return clock() - self._last_commit >= self.commit_interval_s
 
     def close(self) -> None:
         self.producer.close(timeout_s=10)
@@ -162,7 +163,7 @@ class AtLeastOnce(_Delivery):
                 self.tracker.commit_failed(offsets)
 
     def _commit(self, sync: bool) -> None:
-        self._last_commit = time.monotonic()
+        self._last_commit = clock()
         offsets = self.tracker.commit_positions(position=self.consumer.position)
         if not offsets:
             return
@@ -193,12 +194,12 @@ class ExactlyOnce(_Delivery):
         super().__init__(*args, **kwargs)
         self.transaction_timeout_s, self.instance = transaction_timeout_s, instance
         self._began: float | None = None
-        self._producer_since = time.monotonic()
+        self._producer_since = clock()
 
     def _before_send(self) -> None:
         if self._began is None:
             self.producer.begin_transaction()
-            self._began = time.monotonic()
+            self._began = clock()
 
     def step(self) -> None:
         if self._commit_due():
@@ -206,13 +207,13 @@ class ExactlyOnce(_Delivery):
 
     def _commit(self) -> None:
         """Flush, then commit the messages and the offsets they stand for in one transaction."""
-        self._last_commit = time.monotonic()
+        self._last_commit = clock()
         offsets = self.tracker.commit_positions(include_sent=True, position=self.consumer.position)
         if self._began is None:
-            if not offsets or time.monotonic() < self._resume_at:
+            if not offsets or clock() < self._resume_at:
                 return
             self.producer.begin_transaction()  # offsets alone (past transaction markers of the input)
-            self._began = time.monotonic()
+            self._began = clock()
         try:
             self.producer.flush(timeout_s=self.transaction_timeout_s)
             failure = self._first_failure()
@@ -270,13 +271,13 @@ class ExactlyOnce(_Delivery):
     def _fenced_by_another(self, err: Exception) -> bool:
         """A transaction that outlived the timeout (the broker was away) is aborted by the coordinator, which
         fences this producer too; only a fence of a young transaction and producer comes from another one."""
-        now = time.monotonic()
+        now = clock()
         young = now - (self._began or now) < self.transaction_timeout_s
         return young and now - self._producer_since < self.transaction_timeout_s
 
     def _replace_producer(self) -> None:
         old, self.producer = self.producer, self.make_producer()
-        self._producer_since = time.monotonic()
+        self._producer_since = clock()
         old.close(timeout_s=0)
 
     def _renew_producer(self) -> None:

@@ -32,20 +32,24 @@ FENCED = (kerr.ProducerFencedError, kerr.InvalidProducerEpochError, kerr.Transac
 
 
 class KafkaPythonConsumer:
-    def __init__(self, settings: KafkaSettings, client_id: str, group: str, max_wait_ms: int, max_poll_records: int,
-                 max_record_bytes: int, session_timeout_ms: int, instance_id: str | None) -> None:
-        self._consumer = KafkaConsumer(
-            **settings.client_config(client_id), group_id=group, enable_auto_commit=False,
-            auto_offset_reset="earliest", isolation_level="read_committed", fetch_min_bytes=1,
-            fetch_max_wait_ms=max(1, max_wait_ms), max_poll_records=max_poll_records,
-            max_partition_fetch_bytes=2 * max_record_bytes, session_timeout_ms=session_timeout_ms,
-            heartbeat_interval_ms=max(100, min(3_000, session_timeout_ms // 3)), group_instance_id=instance_id,
-            metadata_max_age_ms=5_000)  # a join that saw no partitions (seen: empty assignment) is retried soon
+    def __init__(self, consumer: KafkaConsumer) -> None:
+        self._consumer = consumer
         self._topic = ""
         self._revoked: set[TP] = set()
         self._assigned: set[TP] | None = None
         self._last_event = time.monotonic()
         self._rejoins = 0
+
+    @classmethod
+    def connect(cls, settings: KafkaSettings, client_id: str, group: str, max_wait_ms: int, max_poll_records: int,
+                max_record_bytes: int, session_timeout_ms: int, instance_id: str | None) -> KafkaPythonConsumer:
+        return cls(KafkaConsumer(
+            **settings.client_config(client_id), group_id=group, enable_auto_commit=False,
+            auto_offset_reset="earliest", isolation_level="read_committed", fetch_min_bytes=1,
+            fetch_max_wait_ms=max(1, max_wait_ms), max_poll_records=max_poll_records,
+            max_partition_fetch_bytes=2 * max_record_bytes, session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(100, min(3_000, session_timeout_ms // 3)), group_instance_id=instance_id,
+            metadata_max_age_ms=5_000))  # a join that saw no partitions (seen: empty assignment) is retried soon
 
     # -- group --------------------------------------------------------------------------------------
 
@@ -96,7 +100,10 @@ class KafkaPythonConsumer:
         if self._assigned is not None:
             polled.assigned, self._assigned = self._assigned, None
             self.seek_to_committed(polled.assigned)
-            batches = {tp: rs for tp, rs in batches.items() if TP(tp.topic, tp.partition) not in polled.assigned}
+        if polled.revoked or polled.assigned:  # records fetched before the rebalance completed are fetched again
+            keep = self._consumer.assignment()
+            batches = {tp: rs for tp, rs in batches.items()
+                       if tp in keep and TP(tp.topic, tp.partition) not in polled.assigned}
         polled.records = [Record(TP(r.topic, r.partition), r.offset, r.key, r.value, list(r.headers or ()),
                                  r.timestamp) for rs in batches.values() for r in rs]
         self._rejoin_if_left_out(polled)

@@ -171,7 +171,8 @@ class Worker:
         valid: list[tuple[Record, int, Review]] = []
         for record in records:
             if self.tracker.epoch(record.tp) is None:
-                self.tracker.open(record.tp)  # a client whose assignment came without an event
+                log.warning("dropped a record of %s, which is not assigned here", record.tp)
+                continue
             epoch = self.tracker.add(record)
             try:
                 decoded = (Rejection(DeadLetterCode.INTERNAL_ERROR, record.unreadable) if record.unreadable

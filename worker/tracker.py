@@ -118,7 +118,7 @@ class OffsetTracker:
         one was answered, so that a failure is known before anything after it goes out."""
         out: list[Entry] = []
         for part in self._parts.values():
-            if one_round and (part.in_flight or part.retry_at > now):
+            if one_round and (part.in_flight or part.failed or part.retry_at > now):
                 continue
             for entry in part.entries.values():
                 if entry.state is State.WAITING:
