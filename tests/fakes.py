@@ -269,7 +269,7 @@ class Harness:
     """The real Worker over fake Kafka, stepped by hand, with the invariants checked after each step."""
 
     def __init__(self, guarantee: str = "at-least-once", partitions: int = 2, forward=fake_forward,
-                 tokenize=fake_tokenize, **overrides) -> None:
+                 tokenize=fake_tokenize, limits: dict[str, int] | None = None, **overrides) -> None:
         self.broker = Broker()
         self.kafka = FakeKafkaConsumer(self.broker, partitions)
         self.producers: list[FakeProducer] = []
@@ -288,9 +288,10 @@ class Harness:
 
         def make_delivery(tracker, on_delivered):
             parts = (make_producer, consumer, tracker, DLQ, on_delivered, lambda: None)
+            pacing = {"commit_interval_s": 0, "max_message_bytes": (limits or {}).get}
             if guarantee == "exactly-once":
-                return ExactlyOnce(*parts, commit_interval_s=0, transaction_timeout_s=10, instance="fake")
-            return AtLeastOnce(*parts, commit_interval_s=0)
+                return ExactlyOnce(*parts, **pacing, transaction_timeout_s=10, instance="fake")
+            return AtLeastOnce(*parts, **pacing)
 
         self.now = 1_000.0
         delivery_module.clock = lambda: self.now  # backoffs pass as the steps go, not in real time

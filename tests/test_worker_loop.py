@@ -5,6 +5,7 @@ order, and exactly-once publishes nothing twice."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -110,6 +111,19 @@ def test_a_result_refused_for_good_becomes_an_output_rejected_dead_letter(guaran
     assert sum(v == "output_rejected" for v in outcomes.values()) == 1
     dead = [i["body"] for i in h.broker.published() if i["topic_out"] == DLQ]
     assert dead[0]["source"]["offset"] == 7 and dead[0]["value_size"] > 0
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_a_result_over_the_topics_limit_is_dead_lettered_before_it_is_sent(guarantee):
+    h = Harness(guarantee, max_batch_size=4, max_in_flight=32, limits={OUT: 400})
+    h.publish(0, 12)
+    h.broker.append("in", 0, b"k", json.dumps({"id": "big", "text": "fine", "notes": "n" * 300}).encode())
+    sent: list[str] = []
+    h.producer.refuse = lambda topic, value: sent.append(topic) or None
+    h.run_until_idle()
+    everything_classified(h)
+    assert h.outcomes()[(0, 12)] == "output_rejected"
+    assert sent.count(DLQ) == 1 and sent.count(OUT) == 12  # never offered to the output topic
 
 
 def test_exactly_once_commit_failure_aborts_and_redoes_the_transaction():

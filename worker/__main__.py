@@ -17,7 +17,7 @@ from models.head import TorchHead
 from worker.config import WorkerConfig, parse_args
 from worker.delivery import AtLeastOnce, ExactlyOnce, Interrupted
 from worker.inference import DeviceBroken, InferenceStage
-from worker.kafka_python import KafkaPythonConsumer, KafkaPythonProducer
+from worker.kafka_python import KafkaPythonConsumer, KafkaPythonProducer, TopicLimits
 from worker.metrics import Health, LagMonitor, WorkerMetrics, serve
 from worker.service import Worker
 
@@ -25,17 +25,22 @@ log = logging.getLogger("worker")
 TOPIC_WAIT_MS = 15_000
 SEND_BLOCK_MS = 1_000  # a send waits this long for a missing topic's metadata, then it is retried later
 TRANSACTION_TIMEOUT_MS = 10_000
+BATCH_BYTES = 16_384  # kafka-python's default, kept below the output topics' max.message.bytes
+DELIVERY_TIMEOUT_MS = 40_000  # the client gives up on a send, and the worker sends it again
 
 
-def connect(config: WorkerConfig, settings: KafkaSettings) -> tuple[KafkaPythonConsumer, Callable[[], KafkaProducer]]:
+def connect(config: WorkerConfig, settings: KafkaSettings,
+            limits: TopicLimits) -> tuple[KafkaPythonConsumer, Callable[[], KafkaProducer]]:
     """The consumer and a producer factory; an unreachable broker, bad credentials or a missing topic
     end here in one line."""
     base = settings.client_config(f"sentiment-worker-{config.group}")
     exactly_once = config.guarantee == "exactly-once"
 
     def make_producer(block_ms: int = SEND_BLOCK_MS) -> KafkaProducer:
+        smallest = min(limits.get(t) or BATCH_BYTES for t in (config.output_topic, config.dlq_topic))
         return KafkaProducer(
             **base, acks="all", enable_idempotence=True, linger_ms=2, max_block_ms=block_ms,
+            batch_size=max(1024, min(BATCH_BYTES, smallest - 512)), delivery_timeout_ms=DELIVERY_TIMEOUT_MS,
             max_request_size=max(1 << 20, 2 * config.max_record_bytes),
             **({"transactional_id": config.transactional_id, "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS}
                if exactly_once else {}))
@@ -81,7 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     health.model_loaded = True
     log.info("model %s: encoder %s on %s (%s), guarantee %s, Kafka %s", artifact.model_id, encoder.name,
              encoder.device, encoder.dtype_name, config.guarantee, settings.describe())
-    consumer, make_producer = connect(config, settings)
+    try:
+        limits = TopicLimits(settings, [config.output_topic, config.dlq_topic])
+    except KafkaError as err:
+        raise explain_connection_error(settings, err) from None
+    consumer, make_producer = connect(config, settings, limits)
     lag = LagMonitor(settings, config.group, metrics, health)
     lag.start()
     head = TorchHead(artifact.estimator, encoder.device)
@@ -92,10 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def make_delivery(tracker, on_delivered):
         parts = (lambda: KafkaPythonProducer(make_producer(), exactly_once), consumer, tracker, config.dlq_topic,
                  on_delivered, metrics.publish_errors.inc)
+        pacing = {"commit_interval_s": config.commit_interval_ms / 1000, "max_message_bytes": limits.get}
         if exactly_once:
-            return ExactlyOnce(*parts, commit_interval_s=config.commit_interval_ms / 1000,
-                               transaction_timeout_s=TRANSACTION_TIMEOUT_MS / 1000, instance=config.transactional_id)
-        return AtLeastOnce(*parts, commit_interval_s=config.commit_interval_ms / 1000)
+            return ExactlyOnce(*parts, **pacing, transaction_timeout_s=TRANSACTION_TIMEOUT_MS / 1000,
+                               instance=config.transactional_id)
+        return AtLeastOnce(*parts, **pacing)
 
     try:
         Worker(config, encoder.tokenize, artifact.model_id, inference, metrics, health, consumer, make_delivery).run()
@@ -109,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise explain_connection_error(settings, err) from None
     finally:
         lag.stop()
+        limits.stop()
     log.info("stopped cleanly")
     return 0
 

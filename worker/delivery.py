@@ -31,7 +31,8 @@ from worker.tracker import Entry, OffsetTracker, Outgoing
 log = logging.getLogger(__name__)
 
 OnDelivered = Callable[[Outgoing], None]
-Answer = tuple[tuple[TP, int, int, int], Exception | None]
+Answer = tuple[tuple[TP, int, int, int, int], Exception | None]  # (tp, epoch, offset, attempt, producer), error
+RECORD_OVERHEAD = 100  # bytes a one-record batch adds around key, value and headers (at most ~90)
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
 RENEW_AFTER_ROUNDS = 3
@@ -45,7 +46,7 @@ def rejected_dead_letter(entry: Entry, dlq_topic: str) -> Outgoing:
     """What a result the output topic refuses for good becomes."""
     record = entry.record
     source = Source(record.tp.topic, record.tp.partition, record.offset)
-    rejection = Rejection(DeadLetterCode.OUTPUT_REJECTED, f"{entry.message.topic} refused the result: {entry.detail}")
+    rejection = Rejection(DeadLetterCode.OUTPUT_REJECTED, f"{entry.message.topic} refuses the result: {entry.detail}")
     return Outgoing(record, dlq_topic, encode_dead_letter(rejection, record.value, source),
                     DeadLetterCode.OUTPUT_REJECTED.value, is_result=False)
 
@@ -57,8 +58,10 @@ class _Delivery:
 
     def __init__(self, make_producer: Callable[[], ProducerClient], consumer: ConsumerClient, tracker: OffsetTracker,
                  dlq_topic: str, on_delivered: OnDelivered, on_error: Callable[[], None],
-                 commit_interval_s: float) -> None:
+                 commit_interval_s: float,
+                 max_message_bytes: Callable[[str], int | None] = lambda _topic: None) -> None:
         self.make_producer = make_producer
+        self.max_message_bytes = max_message_bytes
         self.producer = make_producer()
         self.consumer, self.tracker, self.dlq_topic = consumer, tracker, dlq_topic
         self.on_delivered, self.on_error = on_delivered, on_error
@@ -69,6 +72,8 @@ class _Delivery:
         self._failed_rounds = 0
         self._resume_at = 0.0
         self._last_commit = clock()
+        self._generation = 0  # of the producer: answers from a replaced one do not count as this one's
+        self._unanswered = 0  # sends of the current producer without an answer yet
 
     def publish(self) -> None:
         now = clock()
@@ -78,10 +83,22 @@ class _Delivery:
         if entries:
             self._before_send()
         for entry in entries:
+            self._fit(entry)
             message, record = entry.message, entry.record
-            key = (record.tp, entry.epoch, record.offset, entry.attempt)
+            key = (record.tp, entry.epoch, record.offset, entry.attempt, self._generation)
+            self._unanswered += 1
             self.producer.send(message.topic, record.key, message.value, copy_headers(record.headers),
                                lambda err, k=key: self._answers.put((k, err)))
+
+    def _fit(self, entry: Entry) -> None:
+        """A message over its topic's max.message.bytes can never be accepted: dead-letter it now."""
+        message, record = entry.message, entry.record
+        limit = self.max_message_bytes(message.topic)
+        size = (len(message.value) + len(record.key or b"") + RECORD_OVERHEAD
+                + sum(len(k) + len(v or b"") for k, v in record.headers))
+        if limit is not None and size > limit and message.topic != self.dlq_topic:
+            entry.detail = f"{size} bytes with its key and headers, over max.message.bytes={limit}"
+            entry.message = rejected_dead_letter(entry, self.dlq_topic)
 
     def _before_send(self) -> None:
         """Exactly-once opens its transaction here."""
@@ -111,7 +128,14 @@ class _Delivery:
 
     def _renew_producer(self) -> None:
         log.warning("replacing the Kafka producer after %d failed rounds", self._failed_rounds)
+        self._replace_producer()
+
+    def _replace_producer(self) -> None:
+        """A fresh producer; the old one is closed at once (its sends fail over to the retry path). Under
+        exactly-once the new one's initialisation aborts the old one's open transaction and fences it."""
         old, self.producer = self.producer, self.make_producer()
+        self._generation += 1
+        self._unanswered = 0
         old.close(timeout_s=0)
 
     def _commit_due(self) -> bool:
@@ -136,9 +160,10 @@ class AtLeastOnce(_Delivery):
     def _settle(self) -> None:
         while True:
             try:
-                (tp, epoch, offset, attempt), err = self._answers.get_nowait()
+                (tp, epoch, offset, attempt, generation), err = self._answers.get_nowait()
             except queue.Empty:
                 break
+            self._unanswered -= generation == self._generation
             refusal = None if err is None else self._refused(err)
             if not self.tracker.answered(tp, epoch, offset, attempt, refusal, f"{type(err).__name__}: {err}"):
                 continue
@@ -196,6 +221,16 @@ class ExactlyOnce(_Delivery):
         self._began: float | None = None
         self._producer_since = clock()
 
+    def _fit(self, entry: Entry) -> None:
+        """A message over its topic's max.message.bytes can never be accepted: dead-letter it now."""
+        message, record = entry.message, entry.record
+        limit = self.max_message_bytes(message.topic)
+        size = (len(message.value) + len(record.key or b"") + RECORD_OVERHEAD
+                + sum(len(k) + len(v or b"") for k, v in record.headers))
+        if limit is not None and size > limit and message.topic != self.dlq_topic:
+            entry.detail = f"{size} bytes with its key and headers, over max.message.bytes={limit}"
+            entry.message = rejected_dead_letter(entry, self.dlq_topic)
+
     def _before_send(self) -> None:
         if self._began is None:
             self.producer.begin_transaction()
@@ -206,7 +241,8 @@ class ExactlyOnce(_Delivery):
             self._commit()
 
     def _commit(self) -> None:
-        """Flush, then commit the messages and the offsets they stand for in one transaction."""
+        """Wait for every send's answer, then commit the messages and the offsets they stand for in one
+        transaction; any refusal or failure aborts it instead."""
         self._last_commit = clock()
         offsets = self.tracker.commit_positions(include_sent=True, position=self.consumer.position)
         if self._began is None:
@@ -215,8 +251,7 @@ class ExactlyOnce(_Delivery):
             self.producer.begin_transaction()  # offsets alone (past transaction markers of the input)
             self._began = clock()
         try:
-            self.producer.flush(timeout_s=self.transaction_timeout_s)
-            failure = self._first_failure()
+            failure = self._await_answers()
             if failure is not None:
                 raise failure
             if offsets:
@@ -233,33 +268,41 @@ class ExactlyOnce(_Delivery):
         for entry in delivered:
             self.on_delivered(entry.message)
 
-    def _first_failure(self) -> Exception | None:
-        """Take in the sends' answers: note each refused entry; the first error, if any."""
+    def _await_answers(self) -> Exception | None:
+        """Every send of the transaction answered (or the transaction timeout passed): the first error, with
+        each refused entry noted. A producer flush can raise while answers are still coming (kafka-python:
+        a batch split for being too large): answers, not the flush, decide."""
+        deadline = clock() + self.transaction_timeout_s
         first = None
         while True:
-            try:
-                (tp, epoch, offset, attempt), err = self._answers.get_nowait()
-            except queue.Empty:
+            while True:
+                try:
+                    (tp, epoch, offset, attempt, generation), err = self._answers.get_nowait()
+                except queue.Empty:
+                    break
+                if generation != self._generation:
+                    continue  # from a producer replaced since
+                self._unanswered -= 1
+                entry = self.tracker.entry(tp, epoch, offset)
+                if err is not None and entry is not None and entry.attempt == attempt:
+                    entry.refusal, entry.detail = self.producer.refusal(err), f"{type(err).__name__}: {err}"
+                    first = first or err
+            if self._unanswered <= 0:
                 return first
-            if err is None:
-                continue
-            entry = self.tracker.entry(tp, epoch, offset)
-            if entry is not None and entry.attempt == attempt:  # else an answer from an aborted transaction
-                entry.refusal, entry.detail = self.producer.refusal(err), f"{type(err).__name__}: {err}"
-                first = first or err
+            if clock() > deadline:
+                return first or TimeoutError(f"{self._unanswered} sends unanswered after the transaction timeout")
+            self.producer.flush(timeout_s=0.2)
 
     def _abort(self, err: Exception) -> None:
-        """Nothing of the transaction becomes visible: abort it and send its messages again (a refused
-        result as a dead letter) in a new one after a backoff."""
+        """Nothing of the transaction becomes visible: a fresh producer aborts it (kafka-python's own abort
+        can leave its state machine stuck after a refused batch), and its messages go out again (a refused
+        result as a dead letter) in a new transaction after a backoff."""
         refusal = self._refused(err)
-        if refusal is Refusal.FENCED and self._fenced_by_another(err):
-            raise UserError(f"another live worker uses transactional id of instance {self.instance!r} "
-                            "(fenced): give each replica its own --instance-id")
+        if refusal is Refusal.FENCED and self._fenced_by_another():
+            raise UserError(f"another live worker uses transactional id {self.instance!r} (fenced): "
+                            "give each replica its own --instance-id")
         log.warning("transaction aborted (%s: %s); its messages go out again", type(err).__name__, err)
-        if refusal is Refusal.FENCED:
-            self._replace_producer()
-        else:
-            self._abort_or_replace()
+        self._replace_producer()
         for entry in self.tracker.sent():
             if entry.refusal is Refusal.REJECTED:
                 entry.message = rejected_dead_letter(entry, self.dlq_topic)
@@ -268,7 +311,7 @@ class ExactlyOnce(_Delivery):
         self._began = None
         self._resume_at = self._back_off()
 
-    def _fenced_by_another(self, err: Exception) -> bool:
+    def _fenced_by_another(self) -> bool:
         """A transaction that outlived the timeout (the broker was away) is aborted by the coordinator, which
         fences this producer too; only a fence of a young transaction and producer comes from another one."""
         now = clock()
@@ -276,28 +319,16 @@ class ExactlyOnce(_Delivery):
         return young and now - self._producer_since < self.transaction_timeout_s
 
     def _replace_producer(self) -> None:
-        old, self.producer = self.producer, self.make_producer()
+        super()._replace_producer()
         self._producer_since = clock()
-        old.close(timeout_s=0)
-
-    def _renew_producer(self) -> None:
-        log.warning("replacing the Kafka producer after %d failed rounds", self._failed_rounds)
-        self._replace_producer()
 
     def abandon(self) -> None:
         """Partitions were revoked: abort the open transaction, so nothing of it is ever seen."""
         if self._began is None:
             return
-        self._abort_or_replace()
+        self._replace_producer()
         self.tracker.transaction_aborted()
         self._began = None
-
-    def _abort_or_replace(self) -> None:
-        try:
-            self.producer.abort_transaction()
-        except Exception as err:  # noqa: BLE001 - a producer that cannot abort is replaced
-            log.info("replacing the transactional producer (%s)", err)
-            self._replace_producer()
 
     def flush(self, interrupted: Callable[[], bool]) -> None:
         """Commit until nothing is left (each failed transaction is redone)."""

@@ -11,12 +11,14 @@ with an empty assignment (seen right after start), and steps past records it can
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kerr
+from kafka.admin import ConfigResource
 from kafka.structs import OffsetAndMetadata
 
 from contract.kafka import KafkaSettings
@@ -230,7 +232,12 @@ class KafkaPythonProducer:
         return Refusal.RETRY
 
     def flush(self, timeout_s: float) -> None:
-        self._producer.flush(timeout=timeout_s)
+        """Hurry the sends along; their answers come through their callbacks (kafka-python's flush can raise
+        while a batch split for being too large is still on its way)."""
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except kerr.KafkaError as err:
+            log.debug("flush: %s", err)
 
     def begin_transaction(self) -> None:
         self._producer.begin_transaction()
@@ -250,3 +257,39 @@ class KafkaPythonProducer:
             self._producer.close(timeout=timeout_s)
         except kerr.KafkaError as err:  # after a long outage close(0) raises; the producer is gone all the same
             log.debug("closing the producer: %s", err)
+
+
+class TopicLimits:
+    """Each output topic's max.message.bytes, refreshed every `interval_s` off the hot path: a result the
+    topic can never take becomes a dead letter before it is sent. (Refused by the broker instead, kafka-python
+    splits the batch and can then retry for its whole delivery timeout.)"""
+
+    def __init__(self, settings: KafkaSettings, topics: list[str], interval_s: float = 30.0) -> None:
+        self.settings, self.topics, self.interval_s = settings, topics, interval_s
+        self.limits: dict[str, int] = {}
+        self._stop = threading.Event()
+        self.refresh()
+        threading.Thread(target=self._run, name="topic-limits", daemon=True).start()
+
+    def get(self, topic: str) -> int | None:
+        return self.limits.get(topic)
+
+    def refresh(self) -> None:
+        admin = KafkaAdminClient(**self.settings.client_config("sentiment-worker-limits"))
+        try:
+            found = admin.describe_configs([ConfigResource("TOPIC", t, ["max.message.bytes"]) for t in self.topics],
+                                           config_filter="all")
+            for topic, configs in found.get("topic", {}).items():
+                self.limits[topic] = int(configs["max.message.bytes"]["value"])
+        finally:
+            admin.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.refresh()
+            except Exception as err:  # noqa: BLE001 - the broker may be away; the last limits stay
+                log.debug("topic limits refresh failed: %s", err)
+
+    def stop(self) -> None:
+        self._stop.set()

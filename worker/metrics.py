@@ -61,6 +61,7 @@ class WorkerMetrics:
                          ["topic", "partition"], registry=r)
         self.padding = Gauge(PREFIX + "padding_efficiency", "Real / padded tokens over recent batches", registry=r)
         self.publish_errors = Counter(PREFIX + "publish_errors", "Failed publishes or transactions", registry=r)
+        self.in_hand = Gauge(PREFIX + "records_in_hand", "Records between poll and commit", registry=r)
         self.rebalances = Counter(PREFIX + "rebalances", "Partition assignments received", registry=r)
         self.info = Gauge(PREFIX + "info", "Model and placement of this worker",
                           ["model", "device", "dtype", "guarantee"], registry=r)

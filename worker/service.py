@@ -52,6 +52,7 @@ class Worker:
         self.inference, self.metrics, self.health, self.consumer = inference, metrics, health, consumer
         self.caps = BatchCaps(config.max_batch_size, config.max_batch_tokens, config.max_wait_ms / 1000)
         self.tracker = OffsetTracker()
+        metrics.in_hand.set_function(lambda: len(self.tracker))
         self.delivery = make_delivery(self.tracker, self._delivered)
         self.pool: list[Pending] = []
         self.paused = False
