@@ -136,6 +136,26 @@ def test_exactly_once_commit_failure_aborts_and_redoes_the_transaction():
     everything_classified(h)
 
 
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_a_producer_that_cannot_be_made_while_the_broker_is_away_is_made_later(guarantee):
+    h = Harness(guarantee, max_batch_size=8, max_in_flight=32)
+    h.publish(0, 30)
+    h.step(2)
+    h.publish(0, 10)
+    first = h.producer
+    if guarantee == "exactly-once":
+        first.commit_error = Retriable("the broker went away")
+    else:
+        first.refuse = lambda topic, value: Retriable("the broker went away")
+    h.producer_failures = 3
+    h.step(12)
+    for producer in h.producers:
+        producer.refuse = lambda topic, value: None
+    assert h.producer_failures == 0  # every attempt counted, none crashed the loop
+    h.run_until_idle()
+    everything_classified(h)
+
+
 def test_exactly_once_fenced_after_a_long_transaction_replaces_the_producer():
     h = Harness("exactly-once", max_batch_size=8, max_in_flight=32)
     h.publish(0, 30)
