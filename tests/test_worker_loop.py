@@ -55,6 +55,25 @@ def test_rebalance_with_the_fetch_position_ahead(guarantee, same_poll):
     everything_classified(h)
 
 
+def test_a_rebalance_while_paused_at_the_in_flight_cap_resumes_fetching():
+    """kafka-python keeps a partition's pause across a rebalance: the worker must not assume a resume."""
+    h = Harness("at-least-once", max_batch_size=8, max_in_flight=16)
+    h.publish(0, 100)
+    h.publish(1, 100)
+    h.step(3, answer=False)
+    h.worker.last_poll -= 2  # a keepalive poll is due: at the cap it pauses every partition
+    h.step(answer=False)
+    assert h.kafka.paused()
+    h.kafka.rebalance({0, 1})
+    h.worker.last_poll -= 2  # the rebalance completes in a keepalive poll, made at the cap
+    h.step()
+    h.kafka.rebalance({0})
+    h.step(10)
+    h.kafka.rebalance({0, 1})
+    h.run_until_idle()
+    everything_classified(h)
+
+
 @pytest.mark.parametrize("guarantee", GUARANTEES)
 def test_a_batch_on_the_device_across_revoke_and_reassign_is_dropped(guarantee):
     gate = threading.Event()
