@@ -41,7 +41,8 @@ def connect(config: WorkerConfig, settings: KafkaSettings,
     def make_producer(block_ms: int = SEND_BLOCK_MS) -> KafkaProducer:
         smallest = min(limits.get(t) or BATCH_BYTES for t in (config.output_topic, config.dlq_topic))
         return KafkaProducer(
-            **{**base, "request_timeout_ms": REQUEST_TIMEOUT_MS}, acks="all", enable_idempotence=True, linger_ms=2, max_block_ms=block_ms,
+            **{**base, "request_timeout_ms": REQUEST_TIMEOUT_MS}, acks="all", enable_idempotence=True, linger_ms=2,
+            max_block_ms=block_ms,
             batch_size=max(1024, min(BATCH_BYTES, smallest - 512)), delivery_timeout_ms=DELIVERY_TIMEOUT_MS,
             max_request_size=max(1 << 20, 2 * config.max_record_bytes),
             **({"transactional_id": config.transactional_id, "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS}
