@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -67,7 +68,15 @@ def connect(config: WorkerConfig, settings: KafkaSettings,
     return consumer, make_producer
 
 
+def _stop_while_starting(signum: int, _frame: object) -> None:
+    """Before the loop runs nothing is consumed: a SIGTERM/SIGINT while the model loads ends cleanly."""
+    log.info("stopped while starting (signal %d)", signum)
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop_while_starting)
+    signal.signal(signal.SIGINT, _stop_while_starting)
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
