@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -71,7 +72,8 @@ def connect(config: WorkerConfig, settings: KafkaSettings,
 def _stop_while_starting(signum: int, _frame: object) -> None:
     """Before the loop runs nothing is consumed: a SIGTERM/SIGINT while the model loads ends cleanly."""
     log.info("stopped while starting (signal %d)", signum)
-    raise SystemExit(0)
+    logging.shutdown()
+    os._exit(0)  # no client thread may hold the exit up
 
 
 def main(argv: Sequence[str] | None = None) -> int:
