@@ -11,9 +11,8 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 
 from contract.cli import UserError, run
 from contract.kafka import KafkaSettings, explain_connection_error
-from models.artifact import check_encoder, load_artifact
-from models.encoder import Encoder
-from models.head import TorchHead
+from models.artifact import load_artifact
+from models.classifier import Classifier
 from worker.config import WorkerConfig, parse_args
 from worker.inference import InferenceStage
 from worker.metrics import Health, LagMonitor, WorkerMetrics, serve
@@ -69,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve(metrics, health, config.metrics_host, config.metrics_port)
         except OSError as err:
             raise UserError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {err}") from None
-    encoder = Encoder.load(artifact.manifest.encoder, config.device, config.dtype, config.quantize)
-    check_encoder(artifact, encoder.hidden_size)
+    classifier = Classifier.load(artifact, config.device, config.dtype, config.quantize)  # pinned, pooled as recorded
+    encoder = classifier.encoder
     if config.max_batch_tokens < encoder.max_length:
         raise UserError(f"--max-batch-tokens {config.max_batch_tokens} is below the model's limit of "
                         f"{encoder.max_length} tokens per review")
@@ -81,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     consumer, make_producer = connect(config, settings)
     lag = LagMonitor(settings, config.group, metrics, health)
     lag.start()
-    inference = InferenceStage(encoder, TorchHead(artifact.estimator, encoder.device))
+    inference = InferenceStage(encoder, classifier.head)
     try:
         Worker(config, encoder, artifact, inference, metrics, health, consumer, make_producer).run()
     except KafkaError as err:

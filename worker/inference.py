@@ -39,7 +39,7 @@ class InferenceStage:
         while (batch := self._todo.get()) is not None:
             try:
                 started = time.perf_counter()
-                scores = self.head(self.encoder.cls([p.ids for p in batch])).cpu().numpy()
+                scores = self.head(self.encoder.features([p.ids for p in batch])).cpu().numpy()
                 self._done.put(Scored(batch, scores, time.perf_counter() - started))
             except BaseException as err:  # surfaced on the main thread, which stops the worker
                 self._done.put(err)
