@@ -194,7 +194,7 @@ class Encoder:
         hub_commit = revision is not None and not revision.startswith(FOLDER_REVISION)
         if name == OFFLINE_HUB_NAME and packaged is not None and not hub_commit:
             return str(packaged), "offline"
-        if hub_reachable() or _in_hub_cache(name, revision if hub_commit else None):
+        if hub_reachable() or in_hub_cache(name, revision if hub_commit else None):
             return name, "hub"
         if name == DEFAULT_ENCODER and packaged is not None:
             print(
@@ -262,7 +262,7 @@ def _refuse_revision(name: str, found: str, wanted: str) -> None:
                     f"{wanted[:19]}… (the encoder changed); restore that encoder or retrain the head")
 
 
-def _in_hub_cache(name: str, revision: str | None = None) -> bool:
+def in_hub_cache(name: str, revision: str | None = None) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
 
