@@ -55,9 +55,7 @@ def tiny_artifact(tiny_encoder_dir, tmp_path_factory) -> Path:
     texts, labels = labeled_sentences()
     fit = fit_head(encoder.embed(texts), np.asarray(labels), grid=(1.0,))
     folder = tmp_path_factory.mktemp("artifacts") / "tiny"
-    save_artifact(folder, fit.estimator, Manifest(
-        encoder=str(tiny_encoder_dir), encoder_source="local", encoder_revision=None,
-        hidden_size=encoder.hidden_size, dtype="fp32", data_sha256="0" * 64, metrics={}))
+    save_artifact(folder, fit.estimator, Manifest.of(encoder, data_sha256="0" * 64, metrics={}))
     return folder
 
 
