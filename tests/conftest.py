@@ -1,7 +1,8 @@
 """Shared fixtures: a tiny encoder and artifact built here, and a real Kafka broker.
 
 Kafka comes from KAFKA_BOOTSTRAP_SERVERS when set (make test starts the local KRaft broker
-and sets it), else from testcontainers where a Docker engine runs. With neither, Kafka tests
+and sets it), else from testcontainers where a Docker engine runs (KAFKA_TEST_IMAGE, default
+apache/kafka:4.1.1; make stack-test runs a stand-in built here). With neither, Kafka tests
 fail under CI=true and skip otherwise.
 """
 
