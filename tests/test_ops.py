@@ -329,3 +329,24 @@ def test_keda_scales_the_worker_deployment_on_the_groups_lag():
     assert trigger["type"] == "kafka" and meta["consumerGroup"] == "sentiment-workers" and meta["topic"] == "reviews"
     assert int(meta["lagThreshold"]) > 0 and 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
     assert trigger["authenticationRef"]["name"] == docs["TriggerAuthentication"]["metadata"]["name"]
+
+
+def test_kubernetes_static_membership_runs_the_same_pod_as_a_statefulset():
+    deployment = k8s_docs()["Deployment"]
+    variant = {d["kind"]: d for d in yaml.safe_load_all(
+        (OPS / "k8s" / "static-membership" / "worker-statefulset.yaml").read_text())}
+    sts, scaled = variant["StatefulSet"], variant["ScaledObject"]["spec"]
+    pod, base = sts["spec"]["template"], deployment["spec"]["template"]
+    (container,), (base_container,) = pod["spec"]["containers"], base["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SENTIMENT_STATIC_MEMBERSHIP"]["value"] == "true"
+    assert env["SENTIMENT_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"  # stable: pod-0
+    assert int(env["SENTIMENT_SESSION_TIMEOUT_MS"]["value"]) >= 30_000  # a restarted pod is back within it
+    same = {k: v for k, v in container.items() if k != "env"}
+    assert same == {k: v for k, v in base_container.items() if k != "env"}  # no drift from the Deployment
+    assert [e for e in container["env"] if e["name"] in {b["name"] for b in base_container["env"]}] \
+        == base_container["env"]
+    assert {k: v for k, v in pod["spec"].items() if k != "containers"} == \
+        {k: v for k, v in base["spec"].items() if k != "containers"}
+    assert sts["spec"]["serviceName"] == k8s_docs()["Service"]["metadata"]["name"]
+    assert scaled["scaleTargetRef"]["kind"] == "StatefulSet" and scaled["scaleTargetRef"]["name"] == "sentiment-worker"
