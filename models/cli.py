@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from contract.cli import apply_env_defaults, run
+from contract.cli import DEVICE, DTYPE, QUANTIZE, Option, Parser, run
 from contract.review_files import FORMATS
 from models.artifact import Manifest, check_encoder, load_artifact, save_artifact
 from models.datasets import load_labeled
@@ -74,34 +74,31 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="python -m models", description=__doc__)
+def parser() -> Parser:
+    root = Parser(prog="sentiment-models", description=__doc__)
+    root.add_version("sentiment-models")
     commands = root.add_subparsers(dest="command", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--format", choices=FORMATS, help="data format (default: from the file extension)")
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-        p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    common = (Option("format", None, "data format (default: from the file extension)", FORMATS), DEVICE, DTYPE)
 
     t = commands.add_parser("train", help="extract [CLS] features and fit the logistic head")
-    t.add_argument("--data", required=True, help="PATH | URL | sst2")
-    t.add_argument("--out", required=True, help="artifact folder, e.g. models/artifacts/NAME")
-    t.add_argument("--encoder", default=DEFAULT_ENCODER, help="hub name or local model folder")
-    t.add_argument("--limit", type=int, default=2000, help="first N labeled rows (0 = all)")
-    t.add_argument("--test-size", type=float, default=0.25)
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--eval", help="also report accuracy on this labeled file")
-    common(t)
+    t.add_options((
+        Option("data", None, "PATH | URL | sst2", required=True),
+        Option("out", None, "artifact folder, e.g. models/artifacts/NAME", required=True),
+        Option("encoder", DEFAULT_ENCODER, "hub name or local model folder"),
+        Option("limit", 2000, "first N labeled rows (0 = all)"),
+        Option("test_size", 0.25, "share of the rows held out"),
+        Option("seed", 42, "random seed of the split and the search"),
+        Option("eval", None, "also report accuracy on this labeled file"),
+        *common))
     t.set_defaults(func=train)
 
     e = commands.add_parser("eval", help="accuracy of an artifact on labeled data (one JSON line)")
-    e.add_argument("--model", required=True, help="artifact folder")
-    e.add_argument("--data", required=True, help="PATH | URL | sst2")
-    e.add_argument("--quantize", default="none", choices=("none", "int8"))
-    common(e)
+    e.add_options((
+        Option("model", None, "artifact folder", required=True),
+        Option("data", None, "PATH | URL | sst2", required=True),
+        QUANTIZE,
+        *common))
     e.set_defaults(func=evaluate)
-    for sub in (t, e):
-        apply_env_defaults(sub)
     return root
 
 
@@ -110,5 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.func(args)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `sentiment-models` console script."""
     run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Sequence
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -14,8 +13,10 @@ from contract.kafka import KafkaSettings, explain_connection_error
 from models.artifact import check_encoder, load_artifact
 from models.encoder import Encoder
 from models.head import TorchHead
+from worker.check import check
 from worker.config import WorkerConfig, parse_args
 from worker.inference import InferenceStage
+from worker.logs import setup_logging
 from worker.metrics import Health, LagMonitor, WorkerMetrics, serve
 from worker.service import Worker
 
@@ -58,10 +59,10 @@ def connect(config: WorkerConfig, settings: KafkaSettings) -> tuple[KafkaConsume
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its failures reach us as exceptions
+    setup_logging(config.log_level, config.log_format, config.instance)
     settings = KafkaSettings.from_env()
+    if config.check:
+        return check(config, settings)
     artifact = load_artifact(config.model)
     metrics, health = WorkerMetrics(), Health()
     if config.metrics_port:
@@ -92,5 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `sentiment-worker` console script."""
     run(main)
+
+
+if __name__ == "__main__":
+    cli()

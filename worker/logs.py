@@ -1,0 +1,42 @@
+"""The worker's logs on stderr: text for people, or one JSON object per line for log shippers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+
+class JsonFormatter(logging.Formatter):
+    """One object per line: time (ISO 8601, UTC), ts (epoch seconds), level, logger, instance, message[, exc]."""
+
+    def __init__(self, instance: str) -> None:
+        super().__init__()
+        self.instance = instance
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "instance": self.instance,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, fmt: str, instance: str) -> None:
+    """Configure the root logger once for the process; kafka-python's own logs are silenced, since its
+    failures reach the worker as exceptions and are reported there."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(instance))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s [" + instance.replace("%", "%%") + "]: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
