@@ -30,8 +30,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, fmt: str, instance: str) -> None:
-    """Configure the root logger once for the process; kafka-python's own logs are silenced, since its
-    failures reach the worker as exceptions and are reported there."""
+    """Configure the root logger once for the process. Python warnings and the transformers library's
+    messages go through it too, its progress bars are off (in JSON mode, every line on stderr is an
+    object); kafka-python's own logs are silenced, since its failures reach the worker as exceptions."""
+    from transformers.utils import logging as transformers_logging
+
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter(instance))
@@ -40,3 +43,7 @@ def setup_logging(level: str, fmt: str, instance: str) -> None:
             "%(asctime)s %(levelname)s %(name)s [" + instance.replace("%", "%%") + "]: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    logging.captureWarnings(True)
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    transformers_logging.disable_progress_bar()  # bars are for terminals, not logs
