@@ -155,9 +155,10 @@ def options_table(options: Iterable[Option]) -> str:
     """The README's Markdown table of `options` (tests keep the README equal to it)."""
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for opt in options:
-        choices = " (" + " \\| ".join(opt.choices) + ")" if opt.choices else ""
-        default = opt.shown_default()
-        rows.append(f"| `{opt.flag}` | `{opt.env}` | {f'`{default}`' if default else ''} | {opt.help}{choices} |")
+        meaning = opt.help + (f" ({' | '.join(opt.choices)})" if opt.choices else "")
+        default = "required" if opt.required else f"`{opt.shown_default()}`" if opt.shown_default() else ""
+        escaped = meaning.replace("|", "\\|")
+        rows.append(f"| `{opt.flag}` | `{opt.env}` | {default} | {escaped} |")
     return "\n".join(rows)
 
 

@@ -1,5 +1,7 @@
 """KAFKA_CONFIG_FILE: a client.properties file, its kafka-python subset, KAFKA_* overrides, secrets kept."""
 
+import re
+
 import pytest
 
 from contract.cli import UserError
@@ -83,6 +85,6 @@ def test_the_confluent_client_gets_the_file_as_it_is(tmp_path):
 
 def test_the_readme_documents_exactly_the_subset():
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("### The client.properties subset", 1)[1].split("\n## ", 1)[0]
+    section = re.split(r"\n##+ ", readme.split("### The client.properties subset", 1)[1], maxsplit=1)[0]
     documented = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
     assert documented == set(PROPERTIES)

@@ -113,6 +113,7 @@ def _join(config: WorkerConfig, settings: KafkaSettings, timeout_s: float) -> st
         consumer = KafkaConsumer(**settings.client_config(f"sentiment-worker-{config.group}-check"),
                                  group_id=config.group, enable_auto_commit=False, auto_offset_reset="earliest")
         listener = _PauseOnAssign(consumer)
+        consumer.partitions_for_topic(config.input_topic)  # metadata first, or the first assignment may be empty
         consumer.subscribe([config.input_topic], listener=listener)
         deadline = time.monotonic() + timeout_s
         while not listener.joined and time.monotonic() < deadline:

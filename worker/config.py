@@ -34,7 +34,8 @@ class WorkerConfig:
     max_in_flight_bytes: int = option(64 << 20, "input bytes held between poll and commit, at most")
     guarantee: str = option("at-least-once", "delivery guarantee", GUARANTEES)
     commit_interval_ms: int = option(100, "pace of commits (and transactions)")
-    instance_id: str = option("", "stable name of this replica (a pod name): its transactional id, its logs' name")
+    instance_id: str = option("", "stable name of this replica (a pod name): its transactional id and its logs' "
+                                      "instance (default: host-pid)")
     static_membership: bool = option(False, "use --instance-id as the group instance id (KIP-345): "
                                             "a restart under the same name keeps its partitions")
     session_timeout_ms: int = option(10_000, "the group drops a member silent this long "

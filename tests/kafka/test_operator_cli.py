@@ -112,7 +112,7 @@ def test_check_passes_and_consumes_nothing(env, tiny_artifact, topics, kafka_set
     assert [line.split(":")[0] for line in lines] == [
         "ok    model", "ok    kafka", f"ok    input topic {topics.input}", f"ok    output topic {topics.output}",
         f"ok    dead-letter topic {topics.dlq}", f"ok    group {topics.group}", "check passed"]
-    assert "joined" in lines[5] and "1 partition(s)" in lines[2]
+    assert "joined (1 partition(s) assigned" in lines[5] and "1 partition(s)" in lines[2]
     assert all(o.offset < 0 for o in committed_offsets(kafka_settings, topics.group, topics.input).values())
     assert len(read(kafka_settings, topics.output, 1, timeout=3)) == 0  # nothing classified
 
