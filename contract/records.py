@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import re
+import unicodedata
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
@@ -29,6 +32,9 @@ class DeadLetterCode(str, Enum):
     EMPTY_TEXT = "empty_text"
     BAD_TYPE = "bad_type"
     TOO_LARGE = "too_large"
+    MODEL_ERROR = "model_error"
+    OUTPUT_REJECTED = "output_rejected"
+    INTERNAL_ERROR = "internal_error"
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,50 @@ class Rejection:
     detail: str
 
 
+class _NotStrict(ValueError):
+    """JSON that Python accepts but RFC 8259 does not (NaN, Infinity, numbers that overflow)."""
+
+
+def _reject_constant(name: str) -> float:
+    raise _NotStrict(f"{name} is not JSON (RFC 8259)")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise _NotStrict(f"number {text[:40]} overflows a double")
+    return number
+
+
+_LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string in the decoded object (keys included) holds a surrogate that UTF-8 cannot carry."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def is_blank(text: str) -> bool:
+    """Nothing but whitespace, control and invisible format characters (zero-width spaces, BOMs, bidi
+    marks). Stops at the first visible character, so a real review costs next to nothing."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)
+
+
 def decode_review(value: bytes | None, source: Source, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Review | Rejection:
-    """Validate one input value: plain UTF-8 text, or a JSON object with a non-empty `text`."""
+    """Validate one input value: plain UTF-8 text, or a strict JSON object with a non-empty string `text`."""
     if value is None:
         return Rejection(DeadLetterCode.EMPTY_TEXT, "null value (tombstone)")
     if len(value) > max_bytes:
@@ -68,31 +116,45 @@ def decode_review(value: bytes | None, source: Source, max_bytes: int = DEFAULT_
         decoded = value.decode("utf-8")
     except UnicodeDecodeError as err:
         return Rejection(DeadLetterCode.INVALID_UTF8, f"not UTF-8 at byte {err.start}")
+    decoded = decoded.removeprefix("\ufeff")
     stripped = decoded.lstrip()
     if not stripped.startswith("{"):
-        if not stripped:
+        if is_blank(stripped):
             return Rejection(DeadLetterCode.EMPTY_TEXT, "value is blank")
         return Review(id=source.default_id(), text=decoded.strip(), meta=None)
     try:
-        obj = json.loads(decoded)
+        obj = json.loads(decoded, parse_constant=_reject_constant, parse_float=_finite_float)
+    except _NotStrict as err:
+        return Rejection(DeadLetterCode.INVALID_JSON, str(err))
     except (ValueError, RecursionError) as err:
         return Rejection(DeadLetterCode.INVALID_JSON, f"not a JSON object: {str(err)[:200]}")
     if not isinstance(obj, dict):
         return Rejection(DeadLetterCode.INVALID_JSON, "starts with '{' but is not a JSON object")
+    if _LONE_SURROGATE.search(decoded) and _has_lone_surrogate(obj):
+        return Rejection(DeadLetterCode.INVALID_UTF8, "a JSON string escapes a lone surrogate (not encodable as UTF-8)")
     if "text" not in obj:
         return Rejection(DeadLetterCode.MISSING_TEXT, "JSON object has no 'text' field")
     text = obj.pop("text")
     if text is None:
         return Rejection(DeadLetterCode.EMPTY_TEXT, "'text' is null")
     if not isinstance(text, str):
-        return Rejection(DeadLetterCode.BAD_TYPE, f"'text' is a {type(text).__name__}, not a string")
-    if not text.strip():
+        return Rejection(DeadLetterCode.BAD_TYPE, f"'text' is a {_json_type(text)}, not a string")
+    if is_blank(text):
         return Rejection(DeadLetterCode.EMPTY_TEXT, "'text' is blank")
-    raw_id = obj.pop("id", None)
-    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int))):
-        return Rejection(DeadLetterCode.BAD_TYPE, f"'id' is a {type(raw_id).__name__}, not a string")
-    review_id = str(raw_id) if raw_id is not None and str(raw_id) else source.default_id()
-    return Review(id=review_id, text=text, meta=obj or None)
+    raw_id = obj.pop("id", "")
+    if not isinstance(raw_id, str):
+        return Rejection(DeadLetterCode.BAD_TYPE, f"'id' is a {_json_type(raw_id)}, not a string")
+    return Review(id=raw_id or source.default_id(), text=text, meta=obj or None)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def copy_headers(headers: Any) -> Headers:
+    """Input headers as the producer takes them: a null value becomes an empty one."""
+    return [(str(key), b"" if value is None else bytes(value)) for key, value in headers or ()]
 
 
 def encode_review(review_id: str, text: str, meta: dict[str, Any] | None = None) -> bytes:
@@ -121,16 +183,16 @@ def encode_result(
     }
     if review.meta:
         body["meta"] = review.meta
-    return json.dumps(body, ensure_ascii=False).encode("utf-8")
+    return json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def encode_dead_letter(rejection: Rejection, value: bytes | None, source: Source) -> bytes:
-    """A dead-letter value; oversized values keep only their first 64 KiB so it always fits the broker."""
+    """A dead-letter value; it keeps at most the first 64 KiB of the original, so it always fits the broker."""
     raw = value or b""
-    kept = raw[:DLQ_VALUE_PREFIX_BYTES] if rejection.code is DeadLetterCode.TOO_LARGE else raw
+    kept = raw[:DLQ_VALUE_PREFIX_BYTES]
     body = {
         "error": rejection.code.value,
-        "detail": rejection.detail,
+        "detail": rejection.detail.encode("utf-8", "replace").decode("utf-8")[:1000],
         "source": asdict(source),
         "value_b64": base64.b64encode(kept).decode("ascii"),
         "value_size": len(raw),

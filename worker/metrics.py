@@ -32,6 +32,7 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 WINDOW_S = 10.0
+REFUSING_S = 60.0  # /readyz turns 503 after the output refused writes this long
 
 disable_created_metrics()  # one series per metric: dashboards need no *_created
 
@@ -60,10 +61,12 @@ class WorkerMetrics:
                          ["topic", "partition"], registry=r)
         self.padding = Gauge(PREFIX + "padding_efficiency", "Real / padded tokens over recent batches", registry=r)
         self.publish_errors = Counter(PREFIX + "publish_errors", "Failed publishes or transactions", registry=r)
+        self.in_hand = Gauge(PREFIX + "records_in_hand", "Records between poll and commit", registry=r)
         self.rebalances = Counter(PREFIX + "rebalances", "Partition assignments received", registry=r)
         self.info = Gauge(PREFIX + "info", "Model and placement of this worker",
                           ["model", "device", "dtype", "guarantee"], registry=r)
-        self._window: deque[tuple[float, int]] = deque()
+        self._window: deque[list] = deque()  # [second, count] per second with deliveries
+        self._window_sum = 0
         self._tokens: deque[tuple[int, int]] = deque(maxlen=50)
 
     def observe_batch(self, rows: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
@@ -74,24 +77,32 @@ class WorkerMetrics:
         self.padding.set(sum(t[0] for t in self._tokens) / max(1, sum(t[1] for t in self._tokens)))
 
     def delivered(self, count: int = 1) -> None:
-        now = time.monotonic()
-        self._window.append((now, count))
-        while self._window and now - self._window[0][0] > WINDOW_S:
-            self._window.popleft()
-        span = max(1.0, now - self._window[0][0]) if self._window else WINDOW_S
-        self.throughput.set(sum(c for _, c in self._window) / min(WINDOW_S, span))
+        """O(1) per message: counts go into one-second buckets, the gauge is set by refresh_throughput."""
+        second = int(time.monotonic())
+        if self._window and self._window[-1][0] == second:
+            self._window[-1][1] += count
+        else:
+            self._window.append([second, count])
+        self._window_sum += count
 
     def refresh_throughput(self) -> None:
-        self.delivered(0)
+        now = time.monotonic()
+        while self._window and now - self._window[0][0] > WINDOW_S:
+            self._window_sum -= self._window.popleft()[1]
+        span = max(1.0, now - self._window[0][0]) if self._window else WINDOW_S
+        self.throughput.set(self._window_sum / min(WINDOW_S, span))
 
 
 class Health:
-    """What /healthz and /readyz answer."""
+    """What /healthz (the loop is alive), /startupz (the model is loaded) and /readyz (loaded, in the
+    group, zero partitions allowed, and the output accepts writes) answer."""
 
     def __init__(self) -> None:
         self.last_tick = time.monotonic()
         self.model_loaded = False
-        self.assigned: frozenset[TopicPartition] = frozenset()
+        self.joined = False
+        self.assigned: frozenset = frozenset()  # the partitions this worker owns, for the lag monitor
+        self.refusing_since: float | None = None
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
@@ -100,7 +111,8 @@ class Health:
         return time.monotonic() - self.last_tick < 30
 
     def ready(self) -> bool:
-        return self.model_loaded and bool(self.assigned) and self.alive()
+        refusing = self.refusing_since is not None and time.monotonic() - self.refusing_since > REFUSING_S
+        return self.model_loaded and self.joined and self.alive() and not refusing
 
 
 def serve(metrics: WorkerMetrics, health: Health, host: str, port: int) -> ThreadingHTTPServer:
@@ -109,8 +121,9 @@ def serve(metrics: WorkerMetrics, health: Health, host: str, port: int) -> Threa
             path = self.path.split("?")[0]
             if path == "/metrics":
                 body, status, ctype = generate_latest(metrics.registry), 200, CONTENT_TYPE_LATEST
-            elif path in ("/healthz", "/readyz"):
-                ok = health.alive() if path == "/healthz" else health.ready()
+            elif path in ("/healthz", "/readyz", "/startupz"):
+                checks = {"/healthz": health.alive, "/readyz": health.ready, "/startupz": lambda: health.model_loaded}
+                ok = checks[path]()
                 body, status, ctype = (b"ok\n" if ok else b"not ready\n"), 200 if ok else 503, "text/plain"
             else:
                 body, status, ctype = b"not found\n", 404, "text/plain"
@@ -150,7 +163,7 @@ class LagMonitor:
                 if admin is None:
                     admin = KafkaAdminClient(**self.settings.client_config("sentiment-worker-lag"))
                     consumer = KafkaConsumer(**self.settings.client_config("sentiment-worker-lag"))
-                owned = set(self.health.assigned)
+                owned = {TopicPartition(*tp) for tp in self.health.assigned}
                 if owned:
                     ends = consumer.end_offsets(list(owned))
                     committed = admin.list_group_offsets({self.group: list(owned)}).get(self.group, {})

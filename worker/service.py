@@ -1,9 +1,13 @@
-"""The worker's main loop. One thread owns the Kafka consumer and all bookkeeping; the
-device runs in `InferenceStage`; the producer's own I/O thread delivers.
+"""The worker's main loop. One thread owns the consumer and all bookkeeping; the device runs in
+`InferenceStage`; the producer's own I/O thread delivers. A record's path, top to bottom:
 
-    poll → decode/validate → tokenize → pool ─▶ next_batch ─▶ device (encoder + head)
-                     └── dead letters ──┐                         │
-    commit ◀─ acks ◀─ send ◀─ tracker (partition order) ◀──────────┘
+    poll ─ events: revoked → drop that work (abort the transaction) · assigned → new epoch
+         └ records → decode/validate → tokenize → pool ─▶ next_batch ─▶ device (encoder + head)
+                └── dead letters ──┐                                          │
+    commit ◀─ answers ◀─ send ◀─ tracker (partition order, epoch) ◀─ result ◀─┘
+
+Any failure of one record (decoding, tokenizing, the model, encoding its result, the output
+topic refusing it) makes that record a dead letter; nothing a record holds stops the loop.
 """
 
 from __future__ import annotations
@@ -11,17 +15,23 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
-
-from contract.records import Rejection, Source, decode_review, encode_dead_letter, encode_result, label_of
-from models.artifact import Artifact
-from models.encoder import Encoder
+from contract.records import (
+    DeadLetterCode,
+    Rejection,
+    Review,
+    Source,
+    decode_review,
+    encode_dead_letter,
+    encode_result,
+    label_of,
+)
+from models.encoder import Tokens
 from worker.batcher import BatchCaps, Pending, next_batch, next_deadline, padded_tokens
+from worker.clients import TP, ConsumerClient, Polled, Record
 from worker.config import WorkerConfig
-from worker.delivery import AtLeastOnce, ExactlyOnce
+from worker.delivery import AtLeastOnce, Interrupted
 from worker.inference import InferenceStage, Scored
 from worker.metrics import Health, WorkerMetrics
 from worker.tracker import OffsetTracker, Outgoing
@@ -30,80 +40,68 @@ log = logging.getLogger("worker")
 
 IDLE_POLL_S = 0.1
 KEEPALIVE_POLL_S = 1.0
-REJOIN_AFTER_S = 10.0
-MAX_REJOINS = 3
+
+Tokenize = Callable[[list[str]], Tokens]
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, encoder: Encoder, artifact: Artifact,
-                 inference: InferenceStage, metrics: WorkerMetrics, health: Health,
-                 consumer: KafkaConsumer, make_producer: Callable[[], KafkaProducer]) -> None:
-        self.config, self.encoder, self.artifact = config, encoder, artifact
-        self.inference, self.metrics, self.health = inference, metrics, health
-        self.consumer = consumer
+    def __init__(self, config: WorkerConfig, tokenize: Tokenize, model_id: str, inference: InferenceStage,
+                 metrics: WorkerMetrics, health: Health, consumer: ConsumerClient,
+                 make_delivery: Callable[[OffsetTracker, Callable[[Outgoing], None]], AtLeastOnce]) -> None:
+        self.config, self.tokenize, self.model_id = config, tokenize, model_id
+        self.inference, self.metrics, self.health, self.consumer = inference, metrics, health, consumer
         self.caps = BatchCaps(config.max_batch_size, config.max_batch_tokens, config.max_wait_ms / 1000)
         self.tracker = OffsetTracker()
+        metrics.in_hand.set_function(lambda: len(self.tracker))
+        self.delivery = make_delivery(self.tracker, self._delivered)
         self.pool: list[Pending] = []
         self.paused = False
         self.stopping = False
+        self.interrupted = False
         self.last_poll = time.monotonic()
-        self.revoked_pending: set[TopicPartition] = set()
-        self.assignment_done = False
         self.arrivals = 0
-        self.rejoins = 0
-        self.subscribed_at = time.monotonic()
-        self.rewind: set[TopicPartition] = set()
-        parts = (make_producer, consumer, self.tracker, self._delivered, metrics.publish_errors.inc)
-        self.delivery = (ExactlyOnce(*parts, commit_interval_s=config.commit_interval_ms / 1000)
-                         if config.guarantee == "exactly-once" else AtLeastOnce(*parts))
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def request_stop(self, *_args: object) -> None:
+        """The first signal drains; a second ends the drain at once."""
+        self.interrupted = self.stopping
         self.stopping = True
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        self._subscribe()
+        self.consumer.subscribe(self.config.input_topic)
         while not self.stopping:
             self.step()
-            self._rejoin_if_left_out()
         log.info("stopping: finishing %d records in hand", len(self.tracker))
         self.drain()
-        self.consumer.close()  # leaves the group, so partitions move at once
-        self.delivery.producer.close(timeout=10)
+        self.consumer.close()  # a dynamic member leaves the group, so its partitions move at once
+        self.delivery.close()
         self.inference.close()
-
-    def _subscribe(self) -> None:
-        self.consumer.subscribe([self.config.input_topic], listener=_Rebalance(self))
-        self.subscribed_at = time.monotonic()
-
-    def _rejoin_if_left_out(self) -> None:
-        """kafka-python 3.0 was seen to hand a member an empty assignment right after start (leader
-        without the topic's partitions) and never rebalance again. While the topic has partitions and
-        this worker owns none, rejoin a few times, at growing intervals (an idle extra worker is left
-        alone afterwards)."""
-        if self.health.assigned or self.rejoins >= MAX_REJOINS:
-            return
-        if time.monotonic() - self.subscribed_at < REJOIN_AFTER_S * 2**self.rejoins:
-            return
-        if self.delivery.producer.partitions_for(self.config.input_topic):
-            self.rejoins += 1
-            log.warning("no partitions assigned although %s has some; rejoining the group (%d/%d)",
-                        self.config.input_topic, self.rejoins, MAX_REJOINS)
-            self.consumer.unsubscribe()
-            self._subscribe()
 
     def step(self) -> None:
         self.health.tick()
         self._take_scores(self.inference.collect(timeout=self._idle_wait()))
-        self.delivery.publish(self.tracker.release())
-        self.delivery.commit()
+        self.delivery.publish()
+        self.delivery.step()
+        self.health.refusing_since = self.delivery.refusing_since
         self._dispatch(force=False)
         if self._room() > 0 or time.monotonic() - self.last_poll > KEEPALIVE_POLL_S:
             self._poll()
         self.metrics.refresh_throughput()
+
+    def drain(self) -> None:
+        """Finish everything in hand: run the pool, publish and commit as it goes (transactions stay
+        short), then wait until every message is acknowledged and commit. A second signal stops it."""
+        while self.pool or self.inference.busy:
+            if self.interrupted:
+                raise Interrupted
+            self._dispatch(force=True)
+            self._take_scores(self.inference.collect(timeout=0.1))
+            self.delivery.publish()
+            self.delivery.step()
+        self.delivery.flush(lambda: self.interrupted)
 
     def _room(self) -> int:
         """Records that may still be polled: memory stays bounded by count and by bytes under any backlog."""
@@ -117,27 +115,20 @@ class Worker:
             return 0.05
         return 0.0
 
-    def drain(self) -> None:
-        """Finish everything in hand: run the pool, publish all results, wait for delivery, commit."""
-        while self.pool or self.inference.busy:
-            self._dispatch(force=True)
-            self._take_scores(self.inference.collect(timeout=0.5))
-        self.delivery.publish(self.tracker.release())
-        self.delivery.flush()
-
     # -- stages --------------------------------------------------------------------------------
 
     def _poll(self) -> None:
         """Fetch up to the room left; at the cap, poll with every partition paused so the group keeps us."""
         room = self._room()
-        self._pause(room <= 0)
+        if (room <= 0) != self.paused:
+            self.paused = room <= 0
+            self.consumer.pause_all(self.paused)
         timeout = self._poll_timeout() if room > 0 else 0.0
-        batches = self.consumer.poll(timeout_ms=int(timeout * 1000), max_records=max(1, room))
+        polled = self.consumer.poll(max_records=max(1, room), timeout_s=timeout)
         self.last_poll = time.monotonic()
-        self._rebalanced()
-        records = [r for rs in batches.values() for r in rs]
-        if records:
-            self._accept(records)
+        self._rebalanced(polled)
+        if polled.records:
+            self._accept(polled.records)
 
     def _poll_timeout(self) -> float:
         """Short while a waiting batch must go as soon as the device frees up, else until its deadline."""
@@ -148,40 +139,72 @@ class Worker:
             return IDLE_POLL_S
         return max(0.0, min(IDLE_POLL_S, deadline - time.monotonic()))
 
-    def _pause(self, full: bool) -> None:
-        """At the in-flight cap, keep polling (group membership) but fetch nothing: memory stays bounded."""
-        if full != self.paused:
-            assigned = list(self.consumer.assignment())
-            if full:
-                self.consumer.pause(*assigned)
-            else:
-                self.consumer.resume(*assigned)
-            self.paused = full
+    def _rebalanced(self, polled: Polled) -> None:
+        """Revoked partitions: their work is dropped, never committed (exactly-once aborts the open
+        transaction: the rest of it goes out again). Assigned ones start a new epoch at their committed
+        offsets, so nothing computed before can complete them."""
+        if polled.revoked:
+            self.delivery.abandon()
+            for tp in polled.revoked:
+                self.tracker.close(tp)
+            self._drop(polled.revoked)
+        if polled.assigned or polled.revoked:
+            for tp in polled.assigned:
+                self.tracker.open(tp)
+            self._drop(polled.assigned)
+            self.paused = False
+            owned = self.consumer.assignment()
+            for tp in self.tracker.partitions() - owned:
+                self.tracker.close(tp)
+            self.health.assigned = frozenset(owned)
+        if polled.assigned:
+            self.health.joined = True
+            self.metrics.rebalances.inc()
+            log.info("assigned %s", sorted(f"{tp.topic}:{tp.partition}" for tp in polled.assigned))
 
-    def _accept(self, records: list[ConsumerRecord]) -> None:
+    def _drop(self, partitions: set[TP]) -> None:
+        self.pool = [p for p in self.pool if p.key[0] not in partitions]
+
+    def _accept(self, records: list[Record]) -> None:
+        """Decode and tokenize; any record that fails here becomes its dead letter, alone."""
         self.metrics.consumed.inc(len(records))
         now = time.monotonic()
-        valid: list[tuple[ConsumerRecord, object]] = []
+        valid: list[tuple[Record, int, Review]] = []
         for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            self.tracker.add(tp, record.offset, len(record.value or b""))
-            source = Source(record.topic, record.partition, record.offset)
-            decoded = decode_review(record.value, source, self.config.max_record_bytes)
-            if isinstance(decoded, Rejection):
-                self.tracker.complete(Outgoing(
-                    tp, record.offset, self.config.dlq_topic, record.key,
-                    encode_dead_letter(decoded, record.value, source), list(record.headers or []),
-                    record.timestamp, decoded.code.value, is_result=False))
+            if self.tracker.epoch(record.tp) is None:
+                log.warning("dropped a record of %s, which is not assigned here", record.tp)
                 continue
-            valid.append((record, decoded))
-        if not valid:
-            return
-        tokens = self.encoder.tokenize([review.text for _, review in valid])
-        self.metrics.truncated.inc(sum(tokens.truncated))
-        for (record, review), ids in zip(valid, tokens.ids, strict=True):
-            tp = TopicPartition(record.topic, record.partition)
+            epoch = self.tracker.add(record)
+            try:
+                decoded = (Rejection(DeadLetterCode.INTERNAL_ERROR, record.unreadable) if record.unreadable
+                           else decode_review(record.value, self._source(record), self.config.max_record_bytes))
+            except Exception as err:  # noqa: BLE001 - an unforeseen case is a dead letter and a bug report
+                decoded = _internal(err)
+            if isinstance(decoded, Rejection):
+                self._dead_letter(record, epoch, decoded)
+            else:
+                valid.append((record, epoch, decoded))
+        for (record, epoch, review), ids, truncated in self._tokenized(valid):
+            self.metrics.truncated.inc(truncated)
             self.arrivals += 1
-            self.pool.append(Pending((tp, record.offset), ids, now, (record, review), self.arrivals))
+            self.pool.append(Pending((record.tp, record.offset), ids, now, (record, epoch, review), self.arrivals))
+
+    def _tokenized(self, valid: list[tuple[Record, int, Review]]):
+        """Tokenize the poll in one call; if that fails, one by one, so only the failing record is lost."""
+        if not valid:
+            return []
+        try:
+            tokens = self.tokenize([review.text for _, _, review in valid])
+            return list(zip(valid, tokens.ids, tokens.truncated, strict=True))
+        except Exception:  # noqa: BLE001 - find the record at fault below
+            out = []
+            for item in valid:
+                try:
+                    one = self.tokenize([item[2].text])
+                    out.append((item, one.ids[0], one.truncated[0]))
+                except Exception as err:  # noqa: BLE001
+                    self._dead_letter(item[0], item[1], _internal(err))
+            return out
 
     def _dispatch(self, force: bool) -> None:
         """Keep up to the inference depth queued; `next_batch` decides which batch may go."""
@@ -194,86 +217,44 @@ class Worker:
             self.pool = [p for p in self.pool if id(p) not in chosen]
             self.inference.submit(batch)
 
-    def _take_scores(self, done: Iterable[Scored]) -> None:
+    def _take_scores(self, done: list[Scored]) -> None:
         for scored in done:
             real = sum(p.length for p in scored.batch)
             self.metrics.observe_batch(len(scored.batch), real, padded_tokens(scored.batch), scored.seconds)
             at = time.time()
-            for pending, score in zip(scored.batch, scored.scores.tolist(), strict=True):
-                if not self.tracker.holds(*pending.key):
-                    continue  # its partition was let go while it was on the device
-                record, review = pending.payload
-                source = Source(record.topic, record.partition, record.offset)
-                value = encode_result(review, score, self.artifact.model_id, source, at)
-                self.tracker.complete(Outgoing(
-                    pending.key[0], record.offset, self.config.output_topic, record.key, value,
-                    list(record.headers or []), record.timestamp, label_of(score), is_result=True))
+            for row, pending in enumerate(scored.batch):
+                record, epoch, review = pending.payload
+                if self.tracker.entry(record.tp, epoch, record.offset) is None:
+                    continue  # its partition was let go (and maybe came back) while it was on the device
+                if row in scored.failed:
+                    self._dead_letter(record, epoch, Rejection(DeadLetterCode.MODEL_ERROR, scored.failed[row]))
+                    continue
+                score = float(scored.scores[row])
+                try:
+                    value = encode_result(review, score, self.model_id, self._source(record), at)
+                except Exception as err:  # noqa: BLE001
+                    self._dead_letter(record, epoch, _internal(err))
+                    continue
+                self.tracker.complete(record.tp, epoch, record.offset, Outgoing(
+                    record, self.config.output_topic, value, label_of(score), is_result=True))
+
+    def _dead_letter(self, record: Record, epoch: int, rejection: Rejection) -> None:
+        value = encode_dead_letter(rejection, record.value, self._source(record))
+        self.tracker.complete(record.tp, epoch, record.offset, Outgoing(
+            record, self.config.dlq_topic, value, rejection.code.value, is_result=False))
+
+    @staticmethod
+    def _source(record: Record) -> Source:
+        return Source(record.tp.topic, record.tp.partition, record.offset)
 
     def _delivered(self, message: Outgoing) -> None:
         if message.is_result:
             self.metrics.classified.labels(message.outcome).inc()
-            self.metrics.latency.observe(max(0.0, time.time() - message.timestamp_ms / 1000))
+            self.metrics.latency.observe(max(0.0, time.time() - message.record.timestamp_ms / 1000))
         else:
             self.metrics.dead_lettered.labels(message.outcome).inc()
         self.metrics.delivered()
 
-    # -- rebalance -----------------------------------------------------------------------------
-    # The client calls these on its I/O thread while the main thread waits in poll(), so they only
-    # take note; `_rebalanced` does the work on the main thread once poll() returns.
 
-    def revoked(self, partitions: list[TopicPartition]) -> None:
-        self.revoked_pending.update(partitions)
-        self.health.assigned = self.health.assigned - set(partitions)
-
-    def assigned(self, partitions: list[TopicPartition]) -> None:
-        self.assignment_done = True
-        self.metrics.rebalances.inc()
-        self.health.assigned = self.health.assigned | set(partitions)
-        log.info("assigned %s", sorted(f"{tp.topic}:{tp.partition}" for tp in partitions))
-
-    def _rebalanced(self) -> None:
-        """Drop the work in hand of revoked partitions at once (never commit what was not sent); once
-        the rebalance has completed, restart those we own again from their committed offsets. Under
-        exactly-once the open transaction is aborted, so that holds for every partition."""
-        if self.revoked_pending:
-            gone = set(self.revoked_pending)
-            self.revoked_pending.clear()
-            if self.delivery.abandon():
-                gone |= set(self.consumer.assignment())
-            self._drop(gone)
-            self.rewind |= gone
-        if self.assignment_done:
-            self.assignment_done = False
-            back = self.rewind & set(self.consumer.assignment())
-            self._drop(back)  # anything fetched for them mid-rebalance is fetched again
-            for tp in back:
-                committed = self.consumer.committed(tp)
-                if committed is None:
-                    self.consumer.seek_to_beginning(tp)
-                else:
-                    self.consumer.seek(tp, committed)
-            self.rewind.clear()
-            self.paused = False
-
-    def _drop(self, partitions: set[TopicPartition]) -> None:
-        self.tracker.forget(partitions)
-        self.pool = [p for p in self.pool if p.key[0] not in partitions]
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-
-    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        try:
-            self.worker.revoked(list(revoked))
-        except Exception:  # the client hides the cause behind a generic error
-            log.exception("handling revoked partitions failed")
-            raise
-
-    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        try:
-            self.worker.assigned(list(assigned))
-        except Exception:
-            log.exception("handling assigned partitions failed")
-            raise
+def _internal(err: Exception) -> Rejection:
+    return Rejection(DeadLetterCode.INTERNAL_ERROR, f"{type(err).__name__}: {str(err)[:300]}")

@@ -1,117 +1,242 @@
-"""Offsets in flight: per input partition, results leave in offset order and only delivered
-offsets become committable.
+"""Records in hand, from poll to commit: every consumed record gets exactly one outgoing message
+(a result or a dead letter), messages leave in each input partition's offset order, and a
+partition's commit position is its first record whose message is not yet acknowledged.
 
-Every consumed record gets exactly one outgoing message (a result or a dead letter). The
-tracker holds each record from poll until the broker acknowledged its message; the commit
-position of a partition is the first offset not yet acknowledged.
+Each assignment of a partition opens a new epoch; work computed under another epoch (a batch
+that was on the device while its partition moved away and came back) is dropped, never sent.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
-from kafka import TopicPartition
+from worker.clients import TP, Record, Refusal
 
 
 class State(Enum):
-    WAITING = 0
-    READY = 1
-    SENT = 2
-    ACKED = 3
+    WAITING = 0  # on its way through the model
+    READY = 1  # message built, not sent
+    SENT = 2  # handed to the producer (under exactly-once: in the open transaction)
+    ACKED = 3  # acknowledged by the broker (under exactly-once: its transaction committed)
 
 
 @dataclass
 class Outgoing:
-    """One message to publish on behalf of input record (tp, offset)."""
+    """One message to publish on behalf of an input record."""
 
-    tp: TopicPartition
-    offset: int
+    record: Record
     topic: str
-    key: bytes | None
     value: bytes
-    headers: list[tuple[str, bytes]]
-    timestamp_ms: int
     outcome: str  # the label of a result, or the error code of a dead letter
     is_result: bool
 
 
 @dataclass
+class Entry:
+    record: Record
+    epoch: int
+    state: State = State.WAITING
+    message: Outgoing | None = None
+    attempt: int = 0  # sends so far: an answer to an older attempt is ignored
+    refusal: Refusal | None = None
+    detail: str = ""
+
+
+@dataclass
 class _Partition:
-    entries: OrderedDict[int, list[Any]] = field(default_factory=OrderedDict)  # offset -> [State, Outgoing, size]
-    committed: int | None = None  # last position handed out for commit
+    epoch: int
+    entries: OrderedDict[int, Entry] = field(default_factory=OrderedDict)
+    done_to: int | None = None  # every record below was delivered and let go
+    committed: int | None = None  # last position handed to a commit that has not failed
+    in_flight: int = 0  # entries SENT and not yet answered
+    failed: bool = False  # an answer of the current round was an error
+    retry_at: float = 0.0
 
 
 class OffsetTracker:
     def __init__(self) -> None:
-        self._parts: dict[TopicPartition, _Partition] = {}
+        self._parts: dict[TP, _Partition] = {}
+        self._epochs = 0
         self.records = 0
         self.bytes = 0  # input value bytes held, for the worker's memory bound
 
     def __len__(self) -> int:
         return self.records
 
-    def add(self, tp: TopicPartition, offset: int, size: int = 0) -> None:
-        self._parts.setdefault(tp, _Partition()).entries[offset] = [State.WAITING, None, size]
-        self.records += 1
-        self.bytes += size
+    # -- partitions ---------------------------------------------------------------------------------
 
-    def holds(self, tp: TopicPartition, offset: int) -> bool:
+    def open(self, tp: TP) -> int:
+        """A (re)assignment: forget what was in hand and start a new epoch."""
+        self.close(tp)
+        self._epochs += 1
+        self._parts[tp] = _Partition(self._epochs)
+        return self._epochs
+
+    def close(self, tp: TP) -> None:
+        part = self._parts.pop(tp, None)
+        if part is not None:
+            self.records -= len(part.entries)
+            self.bytes -= sum(len(e.record.value or b"") for e in part.entries.values())
+
+    def partitions(self) -> set[TP]:
+        return set(self._parts)
+
+    def epoch(self, tp: TP) -> int | None:
         part = self._parts.get(tp)
-        return part is not None and offset in part.entries
+        return part.epoch if part else None
 
-    def complete(self, message: Outgoing) -> None:
-        entry = self._parts[message.tp].entries[message.offset]
-        entry[0], entry[1] = State.READY, message
+    # -- records ------------------------------------------------------------------------------------
 
-    def release(self) -> list[Outgoing]:
-        """Messages ready to send, each partition's in offset order, stopping at its first unfinished record."""
-        out: list[Outgoing] = []
+    def add(self, record: Record) -> int:
+        """Hold a consumed record of an open partition; returns its epoch."""
+        part = self._parts[record.tp]
+        part.entries[record.offset] = Entry(record, part.epoch)
+        self.records += 1
+        self.bytes += len(record.value or b"")
+        return part.epoch
+
+    def entry(self, tp: TP, epoch: int, offset: int) -> Entry | None:
+        """The entry of `offset` if it is still in hand under `epoch`."""
+        part = self._parts.get(tp)
+        if part is None or part.epoch != epoch:
+            return None
+        return part.entries.get(offset)
+
+    def complete(self, tp: TP, epoch: int, offset: int, message: Outgoing) -> bool:
+        entry = self.entry(tp, epoch, offset)
+        if entry is None or entry.state is not State.WAITING:
+            return False
+        entry.state, entry.message = State.READY, message
+        return True
+
+    def release(self, now: float, one_round: bool) -> list[Entry]:
+        """Entries to send now, each partition's in offset order, stopping at its first unfinished record.
+        `one_round` (at-least-once): a partition sends its next round only once every message of the last
+        one was answered, so that a failure is known before anything after it goes out."""
+        out: list[Entry] = []
         for part in self._parts.values():
+            if one_round and (part.in_flight or part.failed or part.retry_at > now):
+                continue
             for entry in part.entries.values():
-                if entry[0] is State.WAITING:
+                if entry.state is State.WAITING:
                     break
-                if entry[0] is State.READY:
-                    entry[0] = State.SENT
-                    out.append(entry[1])
+                if entry.state is State.READY:
+                    entry.state = State.SENT
+                    entry.attempt += 1
+                    entry.refusal = None
+                    part.in_flight += 1
+                    out.append(entry)
         return out
 
-    def acked(self, tp: TopicPartition, offset: int) -> None:
-        part = self._parts.get(tp)
-        if part is not None and offset in part.entries:
-            part.entries[offset][0] = State.ACKED
+    def answered(self, tp: TP, epoch: int, offset: int, attempt: int, refusal: Refusal | None, detail: str) -> bool:
+        """The broker's answer to one send; False when it no longer matters (stale epoch or attempt)."""
+        entry = self.entry(tp, epoch, offset)
+        if entry is None or entry.attempt != attempt or entry.state is not State.SENT:
+            return False
+        part = self._parts[tp]
+        part.in_flight -= 1
+        if refusal is None:
+            entry.state = State.ACKED
+        else:
+            entry.refusal, entry.detail = refusal, detail
+            part.failed = True
+        return True
 
-    def acked_all_sent(self) -> None:
-        """A committed transaction delivered everything sent in it."""
-        for part in self._parts.values():
-            for entry in part.entries.values():
-                if entry[0] is State.SENT:
-                    entry[0] = State.ACKED
-
-    def positions(self) -> dict[TopicPartition, int]:
-        """Commit positions that moved since the last call: the first offset whose message is not acknowledged."""
-        moved: dict[TopicPartition, int] = {}
+    def failed_rounds(self) -> list[tuple[TP, list[Entry]]]:
+        """Partitions whose last round is fully answered with a failure in it, each with the entries to
+        send again: from the first failed one on, in order (acknowledged ones too, so that the output
+        ends in offset order; at-least-once allows the repeat). They are READY again."""
+        out = []
         for tp, part in self._parts.items():
-            position = None
+            if not part.failed or part.in_flight:
+                continue
+            part.failed = False
+            again: list[Entry] = []
+            for entry in part.entries.values():
+                if entry.state is State.WAITING or entry.state is State.READY:
+                    break
+                if again or entry.refusal is not None:
+                    again.append(entry)
+            for entry in again:
+                entry.state = State.READY
+            out.append((tp, again))
+        return out
+
+    def hold(self, tp: TP, until: float) -> None:
+        part = self._parts.get(tp)
+        if part is not None:
+            part.retry_at = until
+
+    def sent(self) -> list[Entry]:
+        """Entries sent and not yet acknowledged (under exactly-once: the open transaction's)."""
+        return [e for part in self._parts.values() for e in part.entries.values() if e.state is State.SENT]
+
+    def ready(self) -> bool:
+        return any(e.state is State.READY for part in self._parts.values() for e in part.entries.values())
+
+    def transaction_committed(self) -> None:
+        """Everything sent in the committed transaction is delivered."""
+        for part in self._parts.values():
+            part.in_flight = 0
+            for entry in part.entries.values():
+                if entry.state is State.SENT:
+                    entry.state = State.ACKED
+
+    def transaction_aborted(self) -> None:
+        """Nothing of the aborted transaction is visible: what it held goes out again, in order."""
+        for part in self._parts.values():
+            part.in_flight, part.failed = 0, False
+            for entry in part.entries.values():
+                if entry.state is State.SENT:
+                    entry.state = State.READY
+
+    # -- commits ------------------------------------------------------------------------------------
+
+    def commit_positions(self, include_sent: bool = False,
+                         position: Callable[[TP], int | None] | None = None) -> dict[TP, int]:
+        """Positions that moved past the last commit: each partition's first record whose message is not
+        acknowledged (`include_sent`: not yet in the transaction about to commit). A partition with
+        nothing else in hand may move to the consumer's `position`, which lies past transaction
+        markers, so that a caught-up worker shows no lag on transactional input."""
+        done = (State.ACKED, State.SENT) if include_sent else (State.ACKED,)
+        moved: dict[TP, int] = {}
+        for tp, part in self._parts.items():
+            target, all_done = part.done_to, True
+            for offset, entry in part.entries.items():
+                if entry.state not in done:
+                    all_done = False
+                    break
+                target = offset + 1
+            if all_done and position is not None:
+                now = position(tp)
+                if now is not None and (target is None or now > target):
+                    target = now
+            if target is not None and (part.committed is None or target > part.committed):
+                moved[tp] = target
+        return moved
+
+    def committing(self, offsets: dict[TP, int]) -> None:
+        """These positions were handed to a commit: let go of the records below them."""
+        for tp, position in offsets.items():
+            part = self._parts.get(tp)
+            if part is None:
+                continue
+            part.committed = position
+            part.done_to = max(part.done_to or 0, position)
             while part.entries:
                 offset, entry = next(iter(part.entries.items()))
-                if entry[0] is not State.ACKED:
+                if offset >= position:
                     break
                 part.entries.popitem(last=False)
                 self.records -= 1
-                self.bytes -= entry[2]
-                position = offset + 1
-            if position is not None and position != part.committed:
-                part.committed = position
-                moved[tp] = position
-        return moved
+                self.bytes -= len(entry.record.value or b"")
 
-    def forget(self, tps: Iterable[TopicPartition]) -> None:
-        for tp in tps:
-            part = self._parts.pop(tp, None)
-            if part is not None:
-                self.records -= len(part.entries)
-                self.bytes -= sum(entry[2] for entry in part.entries.values())
+    def commit_failed(self, offsets: dict[TP, int]) -> None:
+        """A commit did not go through: offer those positions again next time."""
+        for tp, position in offsets.items():
+            part = self._parts.get(tp)
+            if part is not None and part.committed == position:
+                part.committed = None

@@ -24,14 +24,14 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 @pytest.fixture
 def summary():
-    """summary(name, sent_ids, result_ids, dead_count) -> (lost, duplicated), recorded for the report."""
+    """summary(name, sent_ids, result_ids, dead_count, extra) -> (lost, duplicated), recorded for the report."""
 
-    def record(name: str, sent: set[str], results: list[str], dead: int = 0) -> tuple[int, int]:
+    def record(name: str, sent: set[str], results: list[str], dead: int = 0, extra: str = "") -> tuple[int, int]:
         got = Counter(results)
         lost = len(sent - set(got))
         duplicated = sum(got.values()) - len(got)
         LINES.append(f"{name}: sent={len(sent)} classified={len(got)} dead-lettered={dead} lost={lost} "
-                     f"duplicated={duplicated}")
+                     f"duplicated={duplicated}{extra}")
         return lost, duplicated
 
     return record

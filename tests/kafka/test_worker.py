@@ -157,9 +157,12 @@ def test_two_workers_share_partitions_and_lose_nothing_when_one_stops(tiny_artif
         b.wait_ready()
         vals, keys, ids = reviews(4000)
         producer = stream(kafka_settings, topics.input, vals, keys, seconds=6)
-        time.sleep(3)
-        consumed_a = a.metric("sentiment_worker_messages_consumed_total")
-        consumed_b = b.metric("sentiment_worker_messages_consumed_total")
+        deadline = time.monotonic() + 20  # ready means joined: the group may still be settling
+        consumed_a = consumed_b = 0.0
+        while time.monotonic() < deadline and not (consumed_a and consumed_b):
+            time.sleep(0.5)
+            consumed_a = a.metric("sentiment_worker_messages_consumed_total")
+            consumed_b = b.metric("sentiment_worker_messages_consumed_total")
         assert a.terminate() == 0, a.tail()
         producer.join()
         results = read(kafka_settings, topics.output, 4000, timeout=120, settle=2)

@@ -1,0 +1,179 @@
+"""`make soak MINUTES=N`: a steady stream at about 70 % of one worker's rate for N minutes with a
+fault every minute (a worker SIGKILLed, one SIGTERMed, one joining, the broker restarted), under
+one guarantee. Ends with one summary line, and exit 1 when anything was lost, duplicated under
+exactly-once, held by an idle worker, or when the long-lived worker's memory grew 5 % or more
+after its first minute.
+
+    python -m ops.soak --minutes 5 --guarantee exactly-once
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+
+from contract.kafka import KafkaSettings
+from models.build import save_random_distilbert
+from ops.harness import ROOT, Topics, WorkerProcess, free_port, publish, read
+
+OUT = ROOT / "ops" / "bench" / "out" / "soak"
+FAULTS = ("sigkill", "sigterm", "join", "broker-restart")
+IDLE_LIMIT_S = 30.0
+
+
+def say(message: str) -> None:
+    print(f"[soak] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def tiny_artifact() -> Path:
+    """A tiny random DistilBERT and a head fitted on its features: the model costs almost nothing."""
+    encoder, artifact = OUT / "tiny-encoder", OUT / "artifacts" / "tiny"
+    texts = [f"{w} film number {i}" for i in range(200) for w in ("a fine", "a dull")]
+    if not (encoder / "config.json").is_file():
+        save_random_distilbert(encoder, texts, tiny=True, max_length=128)
+    if not (artifact / "manifest.json").is_file():
+        data = OUT / "train.tsv"
+        data.write_text("".join(f"{t}\t{int('fine' in t)}\n" for t in texts))
+        subprocess.run([sys.executable, "-m", "models", "train", "--data", str(data), "--encoder", str(encoder),
+                        "--out", str(artifact), "--dtype", "fp32", "--test-size", "0.2"], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
+    return artifact
+
+
+def value(i: int) -> bytes:
+    return json.dumps({"id": f"k{i}", "text": f"review {i}: " + "a fine film " * (i % 7 + 1)}).encode()
+
+
+class Watch(threading.Thread):
+    """Samples each worker's records in hand and delivered count every 2 s: a worker that holds records
+    while delivering nothing for IDLE_LIMIT_S is idle with records."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.workers: list[WorkerProcess] = []
+        self.idle: list[str] = []
+        self.running = True
+
+    def run(self) -> None:
+        since: dict[int, tuple[float, float]] = {}
+        while self.running:
+            for w in list(self.workers):
+                try:
+                    held = w.metric("sentiment_worker_records_in_hand")
+                    done = (w.metric("sentiment_worker_messages_classified_total")
+                            + w.metric("sentiment_worker_messages_dead_lettered_total"))
+                except OSError:
+                    continue
+                last_done, idle_from = since.get(w.proc.pid, (-1.0, time.monotonic()))
+                if held == 0 or done != last_done:
+                    idle_from = time.monotonic()
+                elif time.monotonic() - idle_from > IDLE_LIMIT_S:
+                    self.idle.append(f"pid {w.proc.pid} held {held:.0f} records for {IDLE_LIMIT_S:.0f} s")
+                    idle_from = time.monotonic()
+                since[w.proc.pid] = (done, idle_from)
+            time.sleep(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ops.soak", description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=float(os.environ.get("MINUTES", 5)))
+    p.add_argument("--guarantee", default="at-least-once", choices=("at-least-once", "exactly-once"))
+    p.add_argument("--rate", type=float, default=0.0, help="records/s (default: 70 %% of one worker's rate)")
+    args = p.parse_args(argv)
+    broker_script = os.environ.get("KAFKA_LOCAL_BROKER")
+    settings = KafkaSettings.from_env()
+    OUT.mkdir(parents=True, exist_ok=True)
+    artifact = tiny_artifact()
+    wargs = ["--device", "cpu", "--guarantee", args.guarantee]
+    logs = OUT / f"workers-{args.guarantee}.log"
+    logs.write_text("")
+
+    def worker(name: str, topics: Topics) -> WorkerProcess:
+        return WorkerProcess(artifact, topics, *wargs, "--instance-id", name, env=dict(os.environ),
+                             metrics_port=free_port(), log=logs)
+
+    rate = args.rate
+    if not rate:
+        calibration = Topics.prefixed(settings, f"soak-cal-{int(time.time())}").create(partitions=4)
+        publish(settings, calibration.input, [value(i) for i in range(6000)])
+        with worker("calibrate", calibration) as w:
+            w.wait_ready()
+            started = time.monotonic()
+            read(settings, calibration.output, 6000, timeout=300, committed_only=True)
+            rate = 0.7 * 6000 / (time.monotonic() - started)
+        calibration.delete()
+    total = int(rate * args.minutes * 60)
+    say(f"{args.guarantee}: {args.minutes:g} min at {rate:.0f} records/s ({total} records), a fault a minute")
+    topics = Topics.prefixed(settings, f"soak-{args.guarantee[:5]}-{int(time.time())}").create(partitions=4)
+    watch = Watch()
+    long_lived, other = worker("long-lived", topics), worker("replica-1", topics)
+    watch.workers += [long_lived, other]
+    long_lived.wait_ready()
+    watch.start()
+    stream = threading.Thread(target=publish, args=(settings, topics.input, [value(i) for i in range(total)]),
+                              kwargs={"rate": rate}, daemon=True)
+    stream.start()
+    rss = psutil.Process(long_lived.proc.pid)
+    time.sleep(min(60, args.minutes * 60 / 2))
+    rss_first_minute = rss.memory_info().rss
+    third: WorkerProcess | None = None
+    for minute, fault in zip(range(int(args.minutes) - 1), FAULTS * 10, strict=False):
+        say(f"fault {minute + 1}: {fault}")
+        if fault == "sigkill":
+            other.kill()
+            other = worker("replica-1", topics)
+        elif fault == "sigterm":
+            code = other.terminate(timeout=120)
+            if code != 0:
+                say(f"replica exited {code} on SIGTERM: {other.tail()}")
+                return 1
+            other = worker("replica-1", topics)
+        elif fault == "join":
+            if third is not None and third.alive():
+                third.terminate(timeout=120)
+            third = worker("replica-2", topics)
+            watch.workers.append(third)
+        elif broker_script:
+            subprocess.run([broker_script, "stop"], check=True, stdout=subprocess.DEVNULL)
+            time.sleep(5)
+            subprocess.run([broker_script, "start"], check=True, stdout=subprocess.DEVNULL)
+        watch.workers.append(other)
+        time.sleep(60)
+        if not long_lived.alive():
+            say(f"the long-lived worker died: {long_lived.tail()}")
+            return 1
+    stream.join()
+    committed_only = args.guarantee == "exactly-once"
+    results = read(settings, topics.output, total, timeout=600, committed_only=committed_only, settle=5,
+                   progress="reading results")
+    rss_end = rss.memory_info().rss
+    watch.running = False
+    for w in (long_lived, other, third):
+        if w is not None and w.alive():
+            w.terminate(timeout=120)
+    got = Counter(json.loads(r.value)["id"] for r in results)
+    lost = total - len(set(got) & {f"k{i}" for i in range(total)})
+    duplicated = sum(got.values()) - len(got)
+    growth = (rss_end - rss_first_minute) / rss_first_minute
+    say(f"worker log: {logs}")
+    print(f"soak ({args.guarantee}, {args.minutes:g} min, {rate:.0f}/s): sent={total} classified={len(got)} "
+          f"lost={lost} duplicated={duplicated} idle-with-records={len(watch.idle)} "
+          f"long-lived RSS {rss_first_minute / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB ({growth:+.1%})")
+    for line in watch.idle:
+        print(f"  idle: {line}")
+    topics.delete()
+    failed = lost or watch.idle or growth >= 0.05 or (committed_only and duplicated)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""kafka-python (pure Python) behind the worker's client seam, with the workarounds this client needs.
+
+kafka-python 3.0 runs rebalance listeners on its I/O thread, where blocking calls are forbidden,
+and keeps the fetch position of a partition that stays assigned across an eager rebalance, so
+records of the poll that completes a rebalance may come from that old, further-ahead position.
+`poll` therefore drops those records, restarts every newly assigned partition from its committed
+offset, and reports the events to the main thread. It also rejoins the group when it was left
+with an empty assignment (seen right after start), and steps past records it cannot decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import errors as kerr
+from kafka.admin import ConfigResource
+from kafka.structs import OffsetAndMetadata
+
+from contract.kafka import KafkaSettings
+from worker.clients import TP, Polled, Record, Refusal
+
+log = logging.getLogger(__name__)
+
+REJOIN_AFTER_S = 10.0
+MAX_REJOINS = 3
+PROBE_S = 5.0
+REJECTED = (kerr.MessageSizeTooLargeError, kerr.RecordListTooLargeError, kerr.InvalidRecordError)
+FENCED = (kerr.ProducerFencedError, kerr.InvalidProducerEpochError, kerr.TransactionCoordinatorFencedError)
+
+
+class KafkaPythonConsumer:
+    def __init__(self, consumer: KafkaConsumer) -> None:
+        self._consumer = consumer
+        self._topic = ""
+        self._revoked: set[TP] = set()
+        self._assigned: set[TP] | None = None
+        self._last_event = time.monotonic()
+        self._rejoins = 0
+
+    @classmethod
+    def connect(cls, settings: KafkaSettings, client_id: str, group: str, max_wait_ms: int, max_poll_records: int,
+                max_record_bytes: int, session_timeout_ms: int, instance_id: str | None) -> KafkaPythonConsumer:
+        return cls(KafkaConsumer(
+            **settings.client_config(client_id), group_id=group, enable_auto_commit=False,
+            auto_offset_reset="earliest", isolation_level="read_committed", fetch_min_bytes=1,
+            fetch_max_wait_ms=max(1, max_wait_ms), max_poll_records=max_poll_records,
+            max_partition_fetch_bytes=2 * max_record_bytes, session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(100, min(3_000, session_timeout_ms // 3)), group_instance_id=instance_id,
+            metadata_max_age_ms=5_000))  # a join that saw no partitions (seen: empty assignment) is retried soon
+
+    # -- group --------------------------------------------------------------------------------------
+
+    def subscribe(self, topic: str) -> None:
+        self._topic = topic
+        self._consumer.subscribe([topic], listener=_Listener(self))
+        self._last_event = time.monotonic()
+
+    def _on_revoked(self, partitions: list[TopicPartition]) -> None:  # I/O thread: take note only
+        self._revoked.update(TP(tp.topic, tp.partition) for tp in partitions)
+        self._assigned = None
+        self._last_event = time.monotonic()
+
+    def _on_assigned(self, partitions: list[TopicPartition]) -> None:  # I/O thread: take note only
+        self._assigned = {TP(tp.topic, tp.partition) for tp in partitions}
+        self._last_event = time.monotonic()
+
+    def rejoin(self) -> None:
+        self._consumer.unsubscribe()
+        self.subscribe(self._topic)
+
+    def _rejoin_if_left_out(self, events: Polled) -> None:
+        """An empty assignment that stays empty while the topic has partitions: rejoin, a few times, at
+        growing intervals (an idle extra worker is left alone afterwards)."""
+        if self._consumer.assignment() or self._rejoins >= MAX_REJOINS or events.revoked or events.assigned:
+            return
+        if time.monotonic() - self._last_event < REJOIN_AFTER_S * 2**self._rejoins:
+            return
+        if self._consumer.partitions_for_topic(self._topic):
+            self._rejoins += 1
+            log.warning("no partitions assigned although %s has some; rejoining the group (%d/%d)",
+                        self._topic, self._rejoins, MAX_REJOINS)
+            self.rejoin()
+
+    def assignment(self) -> set[TP]:
+        return {TP(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    # -- records ------------------------------------------------------------------------------------
+
+    def poll(self, max_records: int, timeout_s: float) -> Polled:
+        try:
+            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max(1, max_records))
+        except (kerr.CorruptRecordError, kerr.UnsupportedCodecError, UnicodeDecodeError, ValueError) as err:
+            return Polled(records=self._step_past_unreadable(err))
+        polled = Polled()
+        if self._revoked:
+            polled.revoked, self._revoked = self._revoked, set()
+        if self._assigned is not None:
+            polled.assigned, self._assigned = self._assigned, None
+            self.seek_to_committed(polled.assigned)
+        if polled.revoked or polled.assigned:  # records fetched before the rebalance completed are fetched again
+            keep = self._consumer.assignment()
+            batches = {tp: rs for tp, rs in batches.items()
+                       if tp in keep and TP(tp.topic, tp.partition) not in polled.assigned}
+        polled.records = [Record(TP(r.topic, r.partition), r.offset, r.key, r.value, list(r.headers or ()),
+                                 r.timestamp) for rs in batches.values() for r in rs]
+        self._rejoin_if_left_out(polled)
+        return polled
+
+    def pause_all(self, paused: bool) -> None:
+        assigned = list(self._consumer.assignment())
+        if paused:
+            self._consumer.pause(*assigned)
+        else:
+            self._consumer.resume(*assigned)
+
+    def seek_to_committed(self, tps: set[TP]) -> None:
+        for tp in tps:
+            ktp = TopicPartition(*tp)
+            committed = self._consumer.committed(ktp)
+            if committed is None:
+                self._consumer.seek_to_beginning(ktp)
+            else:
+                self._consumer.seek(ktp, committed)
+
+    def position(self, tp: TP) -> int | None:
+        state = self._consumer._subscription.position(TopicPartition(*tp))  # no I/O, unlike position()
+        return state.offset if state is not None else None
+
+    def _step_past_unreadable(self, err: Exception) -> list[Record]:
+        """The client cannot decode a batch (bad CRC, a header name that is not UTF-8, an unknown codec) and
+        raises on every poll: find the partition, then the first readable offset after it, and hand the
+        offsets in between over as unreadable records, so that each ends as a dead letter."""
+        assigned = self._consumer.assignment()
+        paused = set(self._consumer.paused())
+        try:
+            for ktp in assigned - paused:
+                start = self.position(TP(ktp.topic, ktp.partition))
+                if start is None or self._reads(ktp, start, assigned):
+                    continue
+                end = self._consumer.end_offsets([ktp])[ktp]
+                low, step = start, 1  # gallop to a readable offset, then bisect back to the first one
+                while low + step < end and not self._reads(ktp, low + step, assigned):
+                    low, step = low + step, step * 2
+                high = min(end, low + step)
+                while high - low > 1:
+                    middle = (low + high) // 2
+                    if self._reads(ktp, middle, assigned):
+                        high = middle
+                    else:
+                        low = middle
+                self._consumer.seek(ktp, high)
+                detail = f"the Kafka client cannot read this record ({type(err).__name__}: {err})"[:500]
+                log.warning("partition %s:%d offsets %d..%d unreadable, dead-lettered: %s",
+                            ktp.topic, ktp.partition, start, high - 1, detail)
+                return [Record(TP(ktp.topic, ktp.partition), o, None, None, [], -1, detail) for o in range(start, high)]
+        finally:
+            self._consumer.pause(*paused)
+            self._consumer.resume(*(assigned - paused))
+        raise err
+
+    def _reads(self, ktp: TopicPartition, offset: int, assigned: set[TopicPartition]) -> bool:
+        """Whether polling `ktp` alone from `offset` returns records (or nothing, at the end) without raising."""
+        self._consumer.pause(*(assigned - {ktp}))
+        self._consumer.resume(ktp)
+        self._consumer.seek(ktp, offset)
+        deadline = time.monotonic() + PROBE_S
+        while time.monotonic() < deadline:
+            try:
+                if self._consumer.poll(timeout_ms=200, max_records=1):
+                    self._consumer.seek(ktp, offset)
+                    return True
+            except (kerr.CorruptRecordError, kerr.UnsupportedCodecError, UnicodeDecodeError, ValueError):
+                return False
+        self._consumer.seek(ktp, offset)
+        return True
+
+    # -- commits ------------------------------------------------------------------------------------
+
+    def commit(self, offsets: dict[TP, int], on_done: Callable[[Exception | None], None] | None = None) -> None:
+        kafka_offsets = {TopicPartition(*tp): OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
+        if on_done is None:
+            self._consumer.commit(kafka_offsets)
+            return
+        self._consumer.commit_async(
+            kafka_offsets, callback=lambda _offsets, result: on_done(result if isinstance(result, Exception) else None))
+
+    def group_metadata(self) -> Any:
+        return self._consumer.group_metadata()
+
+    def close(self) -> None:
+        """Leaves the group (a dynamic member), so that its partitions move at once."""
+        self._consumer.close()
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, consumer: KafkaPythonConsumer) -> None:
+        self.consumer = consumer
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.consumer._on_revoked(list(revoked))
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.consumer._on_assigned(list(assigned))
+
+
+class KafkaPythonProducer:
+    def __init__(self, producer: KafkaProducer, transactional: bool) -> None:
+        self._producer = producer
+        if transactional:
+            producer.init_transactions()  # fences any older producer of the same transactional id
+
+    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
+             on_done: Callable[[Exception | None], None]) -> None:
+        try:
+            future = self._producer.send(topic, key=key, value=value, headers=headers)
+        except kerr.KafkaError as err:  # no metadata in time, larger than a request, a transaction in error
+            on_done(err)
+            return
+        future.add_callback(lambda _metadata: on_done(None))
+        future.add_errback(on_done)
+
+    def refusal(self, err: Exception) -> Refusal:
+        if isinstance(err, REJECTED):
+            return Refusal.REJECTED
+        if isinstance(err, FENCED):
+            return Refusal.FENCED
+        return Refusal.RETRY
+
+    def flush(self, timeout_s: float) -> None:
+        """Hurry the sends along; their answers come through their callbacks (kafka-python's flush can raise
+        while a batch split for being too large is still on its way)."""
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except kerr.KafkaError as err:
+            log.debug("flush: %s", err)
+
+    def begin_transaction(self) -> None:
+        self._producer.begin_transaction()
+
+    def send_offsets_to_transaction(self, offsets: dict[TP, int], group_metadata: Any) -> None:
+        self._producer.send_offsets_to_transaction(
+            {TopicPartition(*tp): OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}, group_metadata)
+
+    def commit_transaction(self) -> None:
+        self._producer.commit_transaction()
+
+    def abort_transaction(self) -> None:
+        self._producer.abort_transaction()
+
+    def close(self, timeout_s: float) -> None:
+        try:
+            self._producer.close(timeout=timeout_s)
+        except kerr.KafkaError as err:  # after a long outage close(0) raises; the producer is gone all the same
+            log.debug("closing the producer: %s", err)
+
+
+class TopicLimits:
+    """Each output topic's max.message.bytes, refreshed every `interval_s` off the hot path: a result the
+    topic can never take becomes a dead letter before it is sent. (Refused by the broker instead, kafka-python
+    splits the batch and can then retry for its whole delivery timeout.)"""
+
+    def __init__(self, settings: KafkaSettings, topics: list[str], interval_s: float = 30.0) -> None:
+        self.settings, self.topics, self.interval_s = settings, topics, interval_s
+        self.limits: dict[str, int] = {}
+        self._stop = threading.Event()
+        self.refresh()
+        threading.Thread(target=self._run, name="topic-limits", daemon=True).start()
+
+    def get(self, topic: str) -> int | None:
+        return self.limits.get(topic)
+
+    def refresh(self) -> None:
+        admin = KafkaAdminClient(**self.settings.client_config("sentiment-worker-limits"))
+        try:
+            found = admin.describe_configs([ConfigResource("TOPIC", t, ["max.message.bytes"]) for t in self.topics],
+                                           config_filter="all")
+            for topic, configs in found.get("topic", {}).items():
+                self.limits[topic] = int(configs["max.message.bytes"]["value"])
+        finally:
+            admin.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.refresh()
+            except Exception as err:  # noqa: BLE001 - the broker may be away; the last limits stay
+                log.debug("topic limits refresh failed: %s", err)
+
+    def stop(self) -> None:
+        self._stop.set()
