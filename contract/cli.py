@@ -16,6 +16,8 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from importlib import metadata
 from typing import Any, get_type_hints
 
+from contract.logs import error_line
+
 ENV_PREFIX = "SENTIMENT_"
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
@@ -176,11 +178,12 @@ def version_text(program: str) -> str:
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
-    """Run an entry point: UserError becomes `error: ...` and exit 2; Ctrl-C exits 130."""
+    """Run an entry point: UserError becomes one line (`error: ...`, see contract.logs) and exit 2;
+    Ctrl-C exits 130."""
     try:
         code = main(argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line(str(err)), file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

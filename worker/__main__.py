@@ -10,6 +10,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 
 from contract.cli import UserError, run
 from contract.kafka import KafkaSettings, explain_connection_error
+from contract.logs import setup_logging
 from models.artifact import check_encoder, load_artifact
 from models.encoder import Encoder
 from models.head import TorchHead
@@ -18,7 +19,6 @@ from worker.config import WorkerConfig, parse_args
 from worker.delivery import AtLeastOnce, ExactlyOnce, Interrupted
 from worker.inference import DeviceBroken, InferenceStage
 from worker.kafka_python import KafkaPythonConsumer, KafkaPythonProducer, TopicLimits
-from worker.logs import setup_logging
 from worker.metrics import Health, LagMonitor, WorkerMetrics, serve
 from worker.service import Worker
 

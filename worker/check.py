@@ -43,10 +43,10 @@ class _PauseOnAssign(ConsumerRebalanceListener):
 
 
 class Report:
-    """Findings as they come, one line each, on `out`."""
+    """Findings as they come, one line each, on `out`, with any secret of the settings masked."""
 
-    def __init__(self, out: TextIO) -> None:
-        self.out, self.failures = out, 0
+    def __init__(self, out: TextIO, redact: Callable[[str], str]) -> None:
+        self.out, self.redact, self.failures = out, redact, 0
 
     def step(self, what: str, action: Callable[[], str]) -> bool:
         """Run `action`; its answer is the finding, a UserError or Kafka error the failure."""
@@ -57,13 +57,13 @@ class Report:
         except Exception as err:  # noqa: BLE001 - a check reports whatever stops the worker
             found, ok = f"{type(err).__name__}: {err}", False
         self.failures += not ok
-        print(f"{'ok  ' if ok else 'FAIL'}  {what}: {found}", file=self.out, flush=True)
+        print(f"{'ok  ' if ok else 'FAIL'}  {what}: {self.redact(found)}", file=self.out, flush=True)
         return ok
 
 
 def check(config: WorkerConfig, settings: KafkaSettings, out: TextIO = sys.stdout,
           join_timeout_s: float = 30.0) -> int:
-    report = Report(out)
+    report = Report(out, settings.redact)
 
     def model() -> str:
         artifact = load_artifact(config.model)

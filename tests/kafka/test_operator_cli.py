@@ -158,6 +158,11 @@ def test_json_logs_are_one_object_per_line_with_the_instance(env, tiny_artifact,
     assert all({"time", "ts", "logger", "message"} <= set(e) for e in entries)
     messages = [e["message"] for e in entries]
     assert any(m.startswith("model ") for m in messages) and "stopped cleanly" in messages
+    failed = run(env, script("sentiment-worker"), "--model", str(tmp_path / "none"), "--log-format", "json",
+                 "--instance-id", "pod-8")
+    assert failed.returncode == 2
+    last = json.loads(failed.stderr.strip().splitlines()[-1])  # the error line too
+    assert (last["level"], last["instance"]) == ("ERROR", "pod-8") and "no model artifact" in last["message"]
 
 
 # -- replaying dead letters -------------------------------------------------------------------------------

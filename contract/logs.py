@@ -1,4 +1,5 @@
-"""The worker's logs on stderr: text for people, or one JSON object per line for log shippers."""
+"""Logs on stderr: text for people, or one JSON object per line for log shippers (the worker's
+--log-format). In JSON mode the final `error: ...` line of a failed run is an object too."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import logging
 import sys
 import time
+
+_json_instance: str | None = None  # set while JSON logging is on: the instance every object names
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,8 +45,18 @@ def setup_logging(level: str, fmt: str, instance: str) -> None:
         handler.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s [" + instance.replace("%", "%%") + "]: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    global _json_instance
+    _json_instance = instance if fmt == "json" else None
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     logging.captureWarnings(True)
     transformers_logging.disable_default_handler()
     transformers_logging.enable_propagation()
     transformers_logging.disable_progress_bar()  # bars are for terminals, not logs
+
+
+def error_line(message: str) -> str:
+    """The one line a failed run ends with: `error: ...`, or in JSON mode an object like every other line."""
+    if _json_instance is None:
+        return f"error: {message}"
+    record = logging.LogRecord("error", logging.ERROR, __file__, 0, message, None, None)
+    return JsonFormatter(_json_instance).format(record)
