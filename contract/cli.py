@@ -75,8 +75,6 @@ class Option:
         return field(default=default, metadata={"option": self})
 
     def shown_default(self) -> str:
-        if self.required:
-            return "(required)"
         if self.kind is bool:
             return "off"
         return "" if self.default is None else str(self.default)
@@ -100,7 +98,6 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, env: Mapping[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.environ = os.environ if env is None else env
-        self.options: list[Option] = []
 
     def add_version(self, program: str) -> None:
         self.add_argument("--version", action=_PrintVersion, nargs=0, default=argparse.SUPPRESS, dest=program,
@@ -108,7 +105,6 @@ class Parser(argparse.ArgumentParser):
 
     def add_options(self, options: Iterable[Option]) -> None:
         for opt in options:
-            self.options.append(opt)
             default, required = opt.default, opt.required
             if opt.env in self.environ:
                 try:
@@ -122,8 +118,7 @@ class Parser(argparse.ArgumentParser):
                 self.add_argument(opt.flag, dest=opt.name, action="store_true", default=default, help=text)
                 continue
             self.add_argument(opt.flag, dest=opt.name, type=_argparse_type(opt), default=default,
-                              required=required, help=text,
-                              metavar=_metavar(opt))
+                              required=required, help=text, metavar=_metavar(opt))
 
 
 def _metavar(opt: Option) -> str:
