@@ -279,7 +279,12 @@ class Harness:
         self.inference = InferenceStage(forward, [101, 102], self.config.max_device_failures)
         consumer = KafkaPythonConsumer(self.kafka)
 
+        self.producer_failures = 0  # producers that cannot be made (the broker is away)
+
         def make_producer() -> FakeProducer:
+            if self.producer_failures:
+                self.producer_failures -= 1
+                raise Retriable("no broker to initialise the producer with")
             producer = FakeProducer(self.broker, guarantee == "exactly-once")
             if self.producers:
                 producer.refuse = self.producers[-1].refuse

@@ -55,6 +55,25 @@ def test_rebalance_with_the_fetch_position_ahead(guarantee, same_poll):
     everything_classified(h)
 
 
+def test_a_rebalance_while_paused_at_the_in_flight_cap_resumes_fetching():
+    """kafka-python keeps a partition's pause across a rebalance: the worker must not assume a resume."""
+    h = Harness("at-least-once", max_batch_size=8, max_in_flight=16)
+    h.publish(0, 100)
+    h.publish(1, 100)
+    h.step(3, answer=False)
+    h.worker.last_poll -= 2  # a keepalive poll is due: at the cap it pauses every partition
+    h.step(answer=False)
+    assert h.kafka.paused()
+    h.kafka.rebalance({0, 1})
+    h.worker.last_poll -= 2  # the rebalance completes in a keepalive poll, made at the cap
+    h.step()
+    h.kafka.rebalance({0})
+    h.step(10)
+    h.kafka.rebalance({0, 1})
+    h.run_until_idle()
+    everything_classified(h)
+
+
 @pytest.mark.parametrize("guarantee", GUARANTEES)
 def test_a_batch_on_the_device_across_revoke_and_reassign_is_dropped(guarantee):
     gate = threading.Event()
@@ -132,6 +151,26 @@ def test_exactly_once_commit_failure_aborts_and_redoes_the_transaction():
     h.step(2)
     h.producer.commit_error = Retriable("coordinator moved")
     h.step()
+    h.run_until_idle()
+    everything_classified(h)
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_a_producer_that_cannot_be_made_while_the_broker_is_away_is_made_later(guarantee):
+    h = Harness(guarantee, max_batch_size=8, max_in_flight=32)
+    h.publish(0, 30)
+    h.step(2)
+    h.publish(0, 10)
+    first = h.producer
+    if guarantee == "exactly-once":
+        first.commit_error = Retriable("the broker went away")
+    else:
+        first.refuse = lambda topic, value: Retriable("the broker went away")
+    h.producer_failures = 3
+    h.step(12)
+    for producer in h.producers:
+        producer.refuse = lambda topic, value: None
+    assert h.producer_failures == 0  # every attempt counted, none crashed the loop
     h.run_until_idle()
     everything_classified(h)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections.abc import Callable, Sequence
 
 from kafka import KafkaProducer
@@ -27,7 +29,9 @@ TOPIC_WAIT_MS = 15_000
 SEND_BLOCK_MS = 1_000  # a send waits this long for a missing topic's metadata, then it is retried later
 TRANSACTION_TIMEOUT_MS = 10_000
 BATCH_BYTES = 16_384  # kafka-python's default, kept below the output topics' max.message.bytes
-DELIVERY_TIMEOUT_MS = 40_000  # the client gives up on a send, and the worker sends it again
+REQUEST_TIMEOUT_MS = 10_000  # a produce request to a broker that went away fails this soon
+DELIVERY_TIMEOUT_MS = 20_000  # the client gives up on a send, and the worker sends it again (a fresh
+#                               producer after three failed rounds: kafka-python's can stay stuck)
 
 
 def connect(config: WorkerConfig, settings: KafkaSettings,
@@ -40,7 +44,8 @@ def connect(config: WorkerConfig, settings: KafkaSettings,
     def make_producer(block_ms: int = SEND_BLOCK_MS) -> KafkaProducer:
         smallest = min(limits.get(t) or BATCH_BYTES for t in (config.output_topic, config.dlq_topic))
         return KafkaProducer(
-            **base, acks="all", enable_idempotence=True, linger_ms=2, max_block_ms=block_ms,
+            **{**base, "request_timeout_ms": REQUEST_TIMEOUT_MS}, acks="all", enable_idempotence=True, linger_ms=2,
+            max_block_ms=block_ms,
             batch_size=max(1024, min(BATCH_BYTES, smallest - 512)), delivery_timeout_ms=DELIVERY_TIMEOUT_MS,
             max_request_size=max(1 << 20, 2 * config.max_record_bytes),
             **({"transactional_id": config.transactional_id, "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS}
@@ -65,7 +70,16 @@ def connect(config: WorkerConfig, settings: KafkaSettings,
     return consumer, make_producer
 
 
+def _stop_while_starting(signum: int, _frame: object) -> None:
+    """Before the loop runs nothing is consumed: a SIGTERM/SIGINT while the model loads ends cleanly."""
+    log.info("stopped while starting (signal %d)", signum)
+    logging.shutdown()
+    os._exit(0)  # no client thread may hold the exit up
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop_while_starting)
+    signal.signal(signal.SIGINT, _stop_while_starting)
     config = parse_args(argv)
     setup_logging(config.log_level, config.log_format, config.instance)
     settings = KafkaSettings.from_env()

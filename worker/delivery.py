@@ -62,7 +62,8 @@ class _Delivery:
                  max_message_bytes: Callable[[str], int | None] = lambda _topic: None) -> None:
         self.make_producer = make_producer
         self.max_message_bytes = max_message_bytes
-        self.producer = make_producer()
+        self.producer: ProducerClient | None = make_producer()
+        self._classify = self.producer.refusal
         self.consumer, self.tracker, self.dlq_topic = consumer, tracker, dlq_topic
         self.on_delivered, self.on_error = on_delivered, on_error
         self.commit_interval_s = commit_interval_s
@@ -77,7 +78,7 @@ class _Delivery:
 
     def publish(self) -> None:
         now = clock()
-        if now < self._resume_at:
+        if now < self._resume_at or not self._producer_ready():
             return
         entries = self.tracker.release(now, self.one_round)
         if entries:
@@ -105,7 +106,7 @@ class _Delivery:
 
     def _refused(self, err: Exception) -> Refusal:
         self.on_error()
-        refusal = self.producer.refusal(err)
+        refusal = self._classify(err)
         if refusal is Refusal.RETRY and self.refusing_since is None:
             self.refusing_since = clock()
             log.warning("publishing fails (%s: %s); retrying with backoff, not committing", type(err).__name__, err)
@@ -133,16 +134,32 @@ class _Delivery:
     def _replace_producer(self) -> None:
         """A fresh producer; the old one is closed at once (its sends fail over to the retry path). Under
         exactly-once the new one's initialisation aborts the old one's open transaction and fences it."""
-        old, self.producer = self.producer, self.make_producer()
+        old, self.producer = self.producer, None
         self._generation += 1
         self._unanswered = 0
-        old.close(timeout_s=0)
+        if old is not None:
+            old.close(timeout_s=0)
+        self._producer_ready()
+
+    def _producer_ready(self) -> bool:
+        """Make the producer if there is none; while the broker is away that fails: try again later."""
+        if self.producer is not None:
+            return True
+        try:
+            self.producer = self.make_producer()
+            return True
+        except Exception as err:  # noqa: BLE001 - the broker may be away; never a reason to stop
+            log.warning("cannot create a Kafka producer yet (%s: %s); retrying", type(err).__name__, err)
+            self._resume_at = clock() + self._backoff
+            self._backoff = min(BACKOFF_MAX_S, self._backoff * 2)
+            return False
 
     def _commit_due(self) -> bool:
         return clock() - self._last_commit >= self.commit_interval_s
 
     def close(self) -> None:
-        self.producer.close(timeout_s=10)
+        if self.producer is not None:
+            self.producer.close(timeout_s=10)
 
 
 class AtLeastOnce(_Delivery):
@@ -207,7 +224,8 @@ class AtLeastOnce(_Delivery):
             if interrupted():
                 raise Interrupted
             self.publish()
-            self.producer.flush(timeout_s=1)
+            if self.producer is not None:
+                self.producer.flush(timeout_s=1)
             self._settle()
             time.sleep(0.01)
         self._settle()
@@ -246,7 +264,7 @@ class ExactlyOnce(_Delivery):
         self._last_commit = clock()
         offsets = self.tracker.commit_positions(include_sent=True, position=self.consumer.position)
         if self._began is None:
-            if not offsets or clock() < self._resume_at:
+            if not offsets or clock() < self._resume_at or not self._producer_ready():
                 return
             self.producer.begin_transaction()  # offsets alone (past transaction markers of the input)
             self._began = clock()
@@ -285,7 +303,7 @@ class ExactlyOnce(_Delivery):
                 self._unanswered -= 1
                 entry = self.tracker.entry(tp, epoch, offset)
                 if err is not None and entry is not None and entry.attempt == attempt:
-                    entry.refusal, entry.detail = self.producer.refusal(err), f"{type(err).__name__}: {err}"
+                    entry.refusal, entry.detail = self._classify(err), f"{type(err).__name__}: {err}"
                     first = first or err
             if self._unanswered <= 0:
                 return first

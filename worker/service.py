@@ -55,7 +55,7 @@ class Worker:
         metrics.in_hand.set_function(lambda: len(self.tracker))
         self.delivery = make_delivery(self.tracker, self._delivered)
         self.pool: list[Pending] = []
-        self.paused = False
+        self.paused: bool | None = False
         self.stopping = False
         self.interrupted = False
         self.last_poll = time.monotonic()
@@ -120,7 +120,7 @@ class Worker:
     def _poll(self) -> None:
         """Fetch up to the room left; at the cap, poll with every partition paused so the group keeps us."""
         room = self._room()
-        if (room <= 0) != self.paused:
+        if (room <= 0) is not self.paused:
             self.paused = room <= 0
             self.consumer.pause_all(self.paused)
         timeout = self._poll_timeout() if room > 0 else 0.0
@@ -152,7 +152,7 @@ class Worker:
             for tp in polled.assigned:
                 self.tracker.open(tp)
             self._drop(polled.assigned)
-            self.paused = False
+            self.paused = None  # the client may keep a partition's pause across a rebalance: set it again
             owned = self.consumer.assignment()
             for tp in self.tracker.partitions() - owned:
                 self.tracker.close(tp)
