@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from contract.cli import UserError, apply_env_defaults, run
+from contract.cli import DEVICE, DTYPE, QUANTIZE, Option, Parser, UserError, run
 from contract.records import label_of
 from contract.review_files import FORMATS
 from models.artifact import Manifest, convert_artifact, save_artifact
@@ -110,45 +110,42 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="python -m models", description=__doc__)
+def parser() -> Parser:
+    root = Parser(prog="sentiment-models", description=__doc__)
+    root.add_version("sentiment-models")
     commands = root.add_subparsers(dest="command", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--format", choices=FORMATS, help="data format (default: from the file extension)")
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-        p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    common = (Option("format", None, "data format (default: from the file extension)", FORMATS), DEVICE, DTYPE)
 
     t = commands.add_parser("train", help="extract pooled features and fit the logistic head")
-    t.add_argument("--data", required=True, help="PATH | URL | sst2 (a tsv/csv/jsonl of any size, streamed)")
-    t.add_argument("--out", required=True, help="artifact folder, e.g. models/artifacts/NAME")
-    t.add_argument("--encoder", default=DEFAULT_ENCODER, help="hub name or local model folder")
-    t.add_argument("--pooling", default="cls", choices=POOLINGS,
-                   help="cls: the [CLS] vector (the tutorial's); mean: attention-masked mean of the last layer")
-    t.add_argument("--limit", type=int, default=2000, help="first N labeled rows (0 = all)")
-    t.add_argument("--test-size", type=float, default=0.25)
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--c-grid", default=",".join(str(c) for c in C_GRID), help="values of C to cross-validate")
-    t.add_argument("--eval", help="also report accuracy on this labeled file")
-    t.add_argument("--cache-dir", default=str(CACHE_DIR / "features"), help="where encoded features are cached")
-    t.add_argument("--no-cache", action="store_true", help="encode everything, read and write no cache")
-    t.add_argument("--no-joblib", action="store_true", help="write no head.joblib (the scikit-learn estimator)")
-    common(t)
+    t.add_options((
+        Option("data", None, "PATH | URL | sst2 (a tsv/csv/jsonl of any size, streamed)", required=True),
+        Option("out", None, "artifact folder, e.g. models/artifacts/NAME", required=True),
+        Option("encoder", DEFAULT_ENCODER, "hub name or local model folder"),
+        Option("pooling", "cls", "cls: the [CLS] vector (the tutorial's); mean: attention-masked mean of the last "
+               "layer", POOLINGS),
+        Option("limit", 2000, "first N labeled rows (0 = all)"),
+        Option("test_size", 0.25, "share of the rows held out"),
+        Option("seed", 42, "random seed of the split and the search"),
+        Option("c_grid", ",".join(str(c) for c in C_GRID), "values of C to cross-validate"),
+        Option("eval", None, "also report accuracy on this labeled file"),
+        Option("cache_dir", str(CACHE_DIR / "features"), "where encoded features are cached"),
+        Option("no_cache", False, "encode everything, read and write no cache"),
+        Option("no_joblib", False, "write no head.joblib (the scikit-learn estimator)"),
+        *common))
     t.set_defaults(func=train)
 
     e = commands.add_parser("eval", help="accuracy of an artifact on labeled data (one JSON line)")
-    e.add_argument("--model", required=True, help="artifact folder")
-    e.add_argument("--data", required=True, help="PATH | URL | sst2")
-    e.add_argument("--quantize", default="none", choices=("none", "int8"))
-    e.add_argument("--predictions", help="also write each row's label and score here (JSONL)")
-    common(e)
+    e.add_options((
+        Option("model", None, "artifact folder", required=True),
+        Option("data", None, "PATH | URL | sst2", required=True),
+        QUANTIZE,
+        Option("predictions", None, "also write each row's label and score here (JSONL)"),
+        *common))
     e.set_defaults(func=evaluate)
 
     c = commands.add_parser("convert", help="turn a format-1 artifact (head.joblib) into format 2 (safetensors)")
-    c.add_argument("--model", required=True, help="artifact folder")
+    c.add_options((Option("model", None, "artifact folder", required=True),))
     c.set_defaults(func=convert)
-    for sub in (t, e, c):
-        apply_env_defaults(sub)
     return root
 
 
@@ -157,5 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.func(args)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `sentiment-models` console script."""
     run(main)
+
+
+if __name__ == "__main__":
+    cli()

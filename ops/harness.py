@@ -3,7 +3,6 @@ and `python -m worker` as a child process. Used by the demo, the benchmarks and 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -14,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError
 from tqdm import tqdm
 
 from contract.kafka import KafkaSettings
 from contract.records import DLQ_TOPIC, INPUT_TOPIC, OUTPUT_TOPIC
+from producer.pacing import Pacer
+from producer.topics import create_topics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,14 +41,8 @@ class Topics:
         return cls(settings, f"{prefix}.in", f"{prefix}.out", f"{prefix}.dlq", f"{prefix}-group")
 
     def create(self, partitions: int = 1) -> Topics:
-        admin = KafkaAdminClient(**self.settings.client_config("harness-admin"))
-        try:
-            for name in (self.input, self.output, self.dlq):
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    admin.create_topics([NewTopic(name, partitions if name == self.input else 1, -1)])
-                self.created.append(name)
-        finally:
-            admin.close()
+        create_topics(self.settings, {self.input: partitions, self.output: 1, self.dlq: 1}, "harness-admin")
+        self.created += [self.input, self.output, self.dlq]
         return self
 
     def delete(self) -> None:
@@ -71,13 +65,10 @@ def publish(settings: KafkaSettings, topic: str, values: list[bytes | None], key
     """Send `values` (at `rate` per second when given) and wait until all are acknowledged."""
     producer = KafkaProducer(**settings.client_config("harness-producer"), acks="all", linger_ms=5,
                              max_request_size=2 << 20)
-    started = time.perf_counter()
+    pacer = Pacer(rate)
     for i, value in enumerate(values):
         producer.send(topic, value=value, key=keys[i] if keys else None, headers=headers or [])
-        if rate:
-            delay = started + (i + 1) / rate - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
+        pacer.tick()
     producer.flush()
     producer.close()
 

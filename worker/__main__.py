@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 from collections.abc import Callable, Sequence
 
 from kafka import KafkaProducer
@@ -13,8 +12,10 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 
 from contract.cli import UserError, run
 from contract.kafka import KafkaSettings, explain_connection_error
+from contract.logs import setup_logging
 from models.artifact import load_artifact
 from models.classifier import Classifier
+from worker.check import check
 from worker.config import WorkerConfig, parse_args
 from worker.delivery import AtLeastOnce, ExactlyOnce, Interrupted
 from worker.inference import DeviceBroken, InferenceStage
@@ -79,10 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_while_starting)
     signal.signal(signal.SIGINT, _stop_while_starting)
     config = parse_args(argv)
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its failures reach us as exceptions
+    setup_logging(config.log_level, config.log_format, config.instance)
     settings = KafkaSettings.from_env()
+    if config.check:
+        return check(config, settings)
     artifact = load_artifact(config.model)
     metrics, health = WorkerMetrics(), Health()
     if config.metrics_port:
@@ -135,5 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `sentiment-worker` console script."""
     run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,44 +1,53 @@
-"""The worker's command line (DESIGN.md) as one dataclass; every flag also reads SENTIMENT_<FLAG>."""
+"""The worker's command line (DESIGN.md) as one dataclass: each field defines its option once,
+and the parser, the SENTIMENT_* variables, --help and the README's table derive from it."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from contract.cli import UserError, apply_env_defaults
+from contract.cli import DEVICE, DTYPE, QUANTIZE, Option, Parser, UserError, option, options_of
 from contract.records import DEFAULT_MAX_RECORD_BYTES, DLQ_TOPIC, INPUT_TOPIC, OUTPUT_TOPIC
 
 GUARANTEES = ("at-least-once", "exactly-once")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    model: str
-    input_topic: str = INPUT_TOPIC
-    output_topic: str = OUTPUT_TOPIC
-    dlq_topic: str = DLQ_TOPIC
-    group: str = "sentiment-workers"
-    device: str = "auto"
-    dtype: str = "auto"
-    quantize: str = "none"
-    max_batch_size: int = 64
-    max_batch_tokens: int = 8192
-    max_wait_ms: int = 25
-    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
-    max_in_flight: int = 2048
-    max_in_flight_bytes: int = 64 << 20
-    guarantee: str = "at-least-once"
-    commit_interval_ms: int = 100
-    instance_id: str = ""
-    static_membership: bool = False
-    session_timeout_ms: int = 10_000
-    max_device_failures: int = 3
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = 9108
-    log_level: str = "INFO"
+    model: str = option(required=True, help="artifact folder (models/artifacts/NAME)")
+    input_topic: str = option(INPUT_TOPIC, "topic of the reviews")
+    output_topic: str = option(OUTPUT_TOPIC, "topic of the results")
+    dlq_topic: str = option(DLQ_TOPIC, "topic of the dead letters")
+    group: str = option("sentiment-workers", "consumer group: all replicas share it")
+    device: str = DEVICE.field()
+    dtype: str = DTYPE.field()
+    quantize: str = QUANTIZE.field()
+    max_batch_size: int = option(64, "a batch closes at this many records")
+    max_batch_tokens: int = option(8192, "a batch closes at this many padded tokens (rows x longest row)")
+    max_wait_ms: int = option(25, "a batch closes this long after its first record arrived")
+    max_record_bytes: int = option(DEFAULT_MAX_RECORD_BYTES, "larger values are dead letters (too_large)")
+    max_in_flight: int = option(2048, "records held between poll and commit, at most")
+    max_in_flight_bytes: int = option(64 << 20, "input bytes held between poll and commit, at most")
+    guarantee: str = option("at-least-once", "delivery guarantee", GUARANTEES)
+    commit_interval_ms: int = option(100, "pace of commits (and transactions)")
+    instance_id: str = option("", "stable name of this replica (a pod name): its transactional id and its logs' "
+                                      "instance (default: host-pid)")
+    static_membership: bool = option(False, "use --instance-id as the group instance id (KIP-345): "
+                                            "a restart under the same name keeps its partitions")
+    session_timeout_ms: int = option(10_000, "the group drops a member silent this long "
+                                             "(a static member: its partitions wait)")
+    max_device_failures: int = option(3, "forward calls failing in a row before the worker exits (the device is "
+                                         "broken)")
+    metrics_host: str = option("0.0.0.0", "address of /metrics, /healthz, /readyz, /startupz")
+    metrics_port: int = option(9108, "port of the metrics server; 0 turns it off")
+    log_level: str = option("INFO", "log level, any case", LOG_LEVELS)
+    log_format: str = option("text", "json: one object per line (with the instance) for log shippers", LOG_FORMATS)
+    check: bool = option(False, "load the model, reach Kafka, check the topics and the group, print what was "
+                                "found and exit 0 or 1, consuming nothing")
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_record_bytes", "max_in_flight", "max_in_flight_bytes"):
@@ -54,38 +63,26 @@ class WorkerConfig:
             raise UserError("--max-wait-ms and --commit-interval-ms cannot be negative")
 
     @property
+    def instance(self) -> str:
+        """This replica's name: --instance-id, else host and process id (unique, but not stable)."""
+        return self.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @property
     def transactional_id(self) -> str:
         """Stable per instance: give each replica its own --instance-id (a pod name) for instant fencing."""
-        return f"{self.group}.{self.instance_id or f'{socket.gethostname()}-{os.getpid()}'}"
+        return f"{self.group}.{self.instance}"
+
+
+OPTIONS: tuple[Option, ...] = options_of(WorkerConfig)
+
+
+def parser(env: Mapping[str, str] | None = None) -> Parser:
+    p = Parser(prog="sentiment-worker", description="Classify review sentiment from Kafka (python -m worker).",
+               env=env)
+    p.add_version("sentiment-worker")
+    p.add_options(OPTIONS)
+    return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> WorkerConfig:
-    p = argparse.ArgumentParser(prog="python -m worker", description="Classify review sentiment from Kafka.")
-    p.add_argument("--model", required=True, help="artifact folder (models/artifacts/NAME)")
-    p.add_argument("--input-topic", default=INPUT_TOPIC)
-    p.add_argument("--output-topic", default=OUTPUT_TOPIC)
-    p.add_argument("--dlq-topic", default=DLQ_TOPIC)
-    p.add_argument("--group", default="sentiment-workers")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--quantize", default="none", choices=("none", "int8"))
-    p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--max-batch-tokens", type=int, default=8192, help="padded tokens: rows x longest row")
-    p.add_argument("--max-wait-ms", type=int, default=25, help="a batch waits at most this long for company")
-    p.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES)
-    p.add_argument("--max-in-flight", type=int, default=2048, help="records held between poll and commit")
-    p.add_argument("--max-in-flight-bytes", type=int, default=64 << 20, help="input bytes held, at most")
-    p.add_argument("--guarantee", default="at-least-once", choices=GUARANTEES)
-    p.add_argument("--commit-interval-ms", type=int, default=100, help="pace of commits (and transactions)")
-    p.add_argument("--instance-id", default="", help="stable name of this replica: its transactional id")
-    p.add_argument("--static-membership", action="store_true",
-                   help="use --instance-id as the group instance id (KIP-345): a restart keeps its partitions")
-    p.add_argument("--session-timeout-ms", type=int, default=10_000,
-                   help="the group drops a member silent this long (a static member: its partitions wait)")
-    p.add_argument("--max-device-failures", type=int, default=3,
-                   help="forward calls failing in a row before the worker exits (the device is broken)")
-    p.add_argument("--metrics-host", default="0.0.0.0")
-    p.add_argument("--metrics-port", type=int, default=9108, help="0 turns the metrics server off")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    apply_env_defaults(p)
-    return WorkerConfig(**vars(p.parse_args(argv)))
+    return WorkerConfig(**vars(parser().parse_args(argv)))
