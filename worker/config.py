@@ -12,6 +12,7 @@ from contract.cli import UserError, apply_env_defaults
 from contract.records import DEFAULT_MAX_RECORD_BYTES, DLQ_TOPIC, INPUT_TOPIC, OUTPUT_TOPIC
 
 GUARANTEES = ("at-least-once", "exactly-once")
+KAFKA_CLIENTS = ("kafka-python", "confluent")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class WorkerConfig:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9108
     log_level: str = "INFO"
+    kafka_client: str = "kafka-python"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_record_bytes", "max_in_flight", "max_in_flight_bytes"):
@@ -87,5 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> WorkerConfig:
     p.add_argument("--metrics-host", default="0.0.0.0")
     p.add_argument("--metrics-port", type=int, default=9108, help="0 turns the metrics server off")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--kafka-client", default="kafka-python", choices=KAFKA_CLIENTS,
+                   help="kafka-python (pure Python) or confluent (librdkafka: pip install '.[fast]')")
     apply_env_defaults(p)
     return WorkerConfig(**vars(p.parse_args(argv)))

@@ -15,7 +15,7 @@ from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 from kafka.errors import KafkaTimeoutError
 
 from ops.harness import WorkerProcess, free_port, publish, read
-from tests.conftest import ROOT
+from tests.conftest import CLIENTS, CLIENTS_LONG, ROOT
 
 
 def start(artifact, topics, env, *args, **kwargs) -> WorkerProcess:
@@ -60,6 +60,7 @@ def stream(settings, topic, vals, keys, seconds) -> threading.Thread:
     return thread
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS)
 def test_results_dead_letters_caps_and_order(tiny_artifact, topics, env, kafka_settings, tmp_path):
     topics.create(partitions=2)
     vals, keys, ids = reviews(2000)
