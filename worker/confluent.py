@@ -278,7 +278,8 @@ def connect(config: WorkerConfig, settings: KafkaSettings, max_message_bytes: Ca
         return ConfluentProducer({
             **base, "acks": "all", "enable.idempotence": True, "linger.ms": 2,
             "batch.size": max(1024, min(BATCH_BYTES, smallest - 512)),
-            "request.timeout.ms": REQUEST_TIMEOUT_MS, "delivery.timeout.ms": DELIVERY_TIMEOUT_MS,
+            "request.timeout.ms": REQUEST_TIMEOUT_MS,
+            "delivery.timeout.ms": TRANSACTION_TIMEOUT_MS if exactly_once else DELIVERY_TIMEOUT_MS,  # librdkafka: <=
             "message.max.bytes": max(1 << 20, 2 * config.max_record_bytes),
             **({"transactional.id": config.transactional_id, "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS}
                if exactly_once else {})}, exactly_once)
