@@ -179,8 +179,13 @@ class ConfluentConsumer:
                 if tp.error is not None:
                     raise _error(tp.error)
             return
-        self._commits.append((frozenset((t.topic, t.partition, t.offset) for t in listed), on_done))
-        self._consumer.commit(offsets=listed, asynchronous=True)
+        pending = (frozenset((t.topic, t.partition, t.offset) for t in listed), on_done)
+        self._commits.append(pending)
+        try:
+            self._consumer.commit(offsets=listed, asynchronous=True)
+        except KafkaException as err:  # refused at once (no group coordinator state for it): a failed commit
+            self._commits.remove(pending)
+            on_done(err)
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """The answer to an asynchronous commit (inside consume()), matched to its request by its offsets."""
