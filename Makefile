@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,offline]"
+	$(PY) -m pip install -q -e ".[dev,offline,fast]"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 tools:  ## outside programs the tests use: kcat and Prometheus (promtool) from Debian

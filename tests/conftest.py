@@ -163,10 +163,25 @@ def topics(kafka_settings, request):
     names.delete()
 
 
+# Tests that run the worker with each Kafka client take `kafka_client` as a parameter (the `env` fixture
+# passes it on as SENTIMENT_KAFKA_CLIENT); CLIENTS_LONG sends the confluent run to `make test-long`.
+CLIENTS = ["kafka-python", "confluent"]
+CLIENTS_LONG = ["kafka-python", pytest.param("confluent", marks=pytest.mark.long)]
+
+
 @pytest.fixture
-def env(kafka_bootstrap) -> dict[str, str]:
+def kafka_client() -> str:
+    """The worker's --kafka-client where a test does not parametrize it: the default."""
+    return "kafka-python"
+
+
+@pytest.fixture
+def env(kafka_bootstrap, kafka_client) -> dict[str, str]:
     """Environment for child processes (producer, worker) run against the test broker."""
-    child = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, PYTHONUNBUFFERED="1")
+    if kafka_client == "confluent":
+        pytest.importorskip("confluent_kafka", reason="the `fast` extra (confluent-kafka) is not installed")
+    child = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, PYTHONUNBUFFERED="1",
+                 SENTIMENT_KAFKA_CLIENT=kafka_client)
     child["PYTHONPATH"] = str(ROOT) + os.pathsep + child.get("PYTHONPATH", "")
     child.pop("SENTIMENT_MODEL", None)
     return child

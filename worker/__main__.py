@@ -16,6 +16,7 @@ from contract.logs import setup_logging
 from models.artifact import load_artifact
 from models.classifier import Classifier
 from worker.check import check
+from worker.clients import ConsumerClient, ProducerClient
 from worker.config import WorkerConfig, parse_args
 from worker.delivery import AtLeastOnce, ExactlyOnce, Interrupted
 from worker.inference import DeviceBroken, InferenceStage
@@ -69,6 +70,24 @@ def connect(config: WorkerConfig, settings: KafkaSettings,
     return consumer, make_producer
 
 
+def connect_client(config: WorkerConfig, settings: KafkaSettings, limits: TopicLimits
+                   ) -> tuple[ConsumerClient, Callable[[], ProducerClient], tuple[type[Exception], ...]]:
+    """The --kafka-client's consumer, producer factory and exception types."""
+    log.info("Kafka client: %s", config.kafka_client)
+    if config.kafka_client == "confluent":
+        try:
+            from confluent_kafka import KafkaException
+
+            from worker import confluent
+        except ImportError:
+            raise UserError("--kafka-client confluent needs confluent-kafka: pip install '.[fast]'") from None
+        consumer, make = confluent.connect(config, settings, limits.get)
+        return consumer, make, (KafkaError, KafkaException)
+    consumer, make_producer = connect(config, settings, limits)
+    exactly_once = config.guarantee == "exactly-once"
+    return consumer, lambda: KafkaPythonProducer(make_producer(), exactly_once), (KafkaError,)
+
+
 def _stop_while_starting(signum: int, _frame: object) -> None:
     """Before the loop runs nothing is consumed: a SIGTERM/SIGINT while the model loads ends cleanly."""
     log.info("stopped while starting (signal %d)", signum)
@@ -104,15 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits = TopicLimits(settings, [config.output_topic, config.dlq_topic])
     except KafkaError as err:
         raise explain_connection_error(settings, err) from None
-    consumer, make_producer = connect(config, settings, limits)
+    consumer, new_producer, client_errors = connect_client(config, settings, limits)
     lag = LagMonitor(settings, config.group, metrics, health)
     lag.start()
     inference = InferenceStage(classifier.score_ids, encoder.probe_ids(), config.max_device_failures)
     exactly_once = config.guarantee == "exactly-once"
 
     def make_delivery(tracker, on_delivered):
-        parts = (lambda: KafkaPythonProducer(make_producer(), exactly_once), consumer, tracker, config.dlq_topic,
-                 on_delivered, metrics.publish_errors.inc)
+        parts = (new_producer, consumer, tracker, config.dlq_topic, on_delivered, metrics.publish_errors.inc)
         pacing = {"commit_interval_s": config.commit_interval_ms / 1000, "max_message_bytes": limits.get}
         if exactly_once:
             return ExactlyOnce(*parts, **pacing, transaction_timeout_s=TRANSACTION_TIMEOUT_MS / 1000,
@@ -127,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeviceBroken as err:
         log.error("the device is broken, exiting with nothing committed past the failed batches: %s", err)
         return 3
-    except KafkaError as err:
+    except client_errors as err:
         raise explain_connection_error(settings, err) from None
     finally:
         lag.stop()

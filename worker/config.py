@@ -14,6 +14,7 @@ from contract.records import DEFAULT_MAX_RECORD_BYTES, DLQ_TOPIC, INPUT_TOPIC, O
 GUARANTEES = ("at-least-once", "exactly-once")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+KAFKA_CLIENTS = ("kafka-python", "confluent")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class WorkerConfig:
     metrics_port: int = option(9108, "port of the metrics server; 0 turns it off")
     log_level: str = option("INFO", "log level, any case", LOG_LEVELS)
     log_format: str = option("text", "json: one object per line (with the instance) for log shippers", LOG_FORMATS)
+    kafka_client: str = option("kafka-python", "kafka-python (pure Python) or confluent (librdkafka: pip install "
+                                               "'.[fast]')", KAFKA_CLIENTS)
     check: bool = option(False, "load the model, reach Kafka, check the topics and the group, print what was "
                                 "found and exit 0 or 1, consuming nothing")
 

@@ -290,7 +290,8 @@ class TopicLimits:
             found = admin.describe_configs([ConfigResource("TOPIC", t, ["max.message.bytes"]) for t in self.topics],
                                            config_filter="all")
             for topic, configs in found.get("topic", {}).items():
-                self.limits[topic] = int(configs["max.message.bytes"]["value"])
+                if "max.message.bytes" in configs:  # a missing topic has none (connecting says so in one line)
+                    self.limits[topic] = int(configs["max.message.bytes"]["value"])
         finally:
             admin.close()
 

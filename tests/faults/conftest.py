@@ -23,14 +23,16 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 
 @pytest.fixture
-def summary():
-    """summary(name, sent_ids, result_ids, dead_count, extra) -> (lost, duplicated), recorded for the report."""
+def summary(kafka_client):
+    """summary(name, sent_ids, result_ids, dead_count, extra) -> (lost, duplicated), recorded for the report
+    (the name says which Kafka client the worker used, when not the default)."""
+    client = "" if kafka_client == "kafka-python" else f" [{kafka_client}]"
 
     def record(name: str, sent: set[str], results: list[str], dead: int = 0, extra: str = "") -> tuple[int, int]:
         got = Counter(results)
         lost = len(sent - set(got))
         duplicated = sum(got.values()) - len(got)
-        LINES.append(f"{name}: sent={len(sent)} classified={len(got)} dead-lettered={dead} lost={lost} "
+        LINES.append(f"{name}{client}: sent={len(sent)} classified={len(got)} dead-lettered={dead} lost={lost} "
                      f"duplicated={duplicated}{extra}")
         return lost, duplicated
 

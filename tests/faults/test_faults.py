@@ -15,7 +15,7 @@ import pytest
 from kafka import KafkaAdminClient, TopicPartition
 
 from ops.harness import WorkerProcess, free_port, publish, read
-from tests.conftest import ROOT, sasl_env
+from tests.conftest import CLIENTS, CLIENTS_LONG, ROOT, sasl_env
 from tests.faults.conftest import PeakMemory, broker
 
 MIB = 1 << 20
@@ -44,6 +44,7 @@ def committed_total(settings, group: str, topic: str, partitions: int) -> int:
     return sum(max(0, got[tp].offset) for tp in tps if tp in got)
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS_LONG)
 def test_broker_restart_mid_stream(tiny_artifact, topics, env, kafka_settings, local_broker, summary, tmp_path):
     topics.create(partitions=2)
     vals, keys, ids = reviews(4000, "b")
@@ -81,6 +82,7 @@ def malformed_flood() -> list[tuple[bytes | None, str]]:
     return flood
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS_LONG)
 def test_sst2_and_1000_malformed_records(tiny_artifact, topics, env, kafka_settings, sst2_dir, summary, tmp_path):
     topics.create(partitions=3)
     rows = [line.rsplit("\t", 1)[0] for split in ("train", "dev")
@@ -204,10 +206,12 @@ def partition_counts(settings, topic: str, partitions: int) -> list[int]:
     return [ends[TopicPartition(topic, p)] for p in range(partitions)]
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS_LONG)
 def test_scale_storm_at_least_once(tiny_artifact, topics, env, kafka_settings, tmp_path, summary):
     storm(tiny_artifact, topics, env, kafka_settings, tmp_path, summary, "scale storm (at-least-once)")
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS_LONG)
 def test_scale_storm_exactly_once_small_caps(tiny_artifact, topics, env, kafka_settings, tmp_path, summary):
     duplicated = storm(tiny_artifact, topics, env, kafka_settings, tmp_path, summary,
                        "scale storm (exactly-once, small caps)", "--guarantee", "exactly-once",
@@ -216,18 +220,21 @@ def test_scale_storm_exactly_once_small_caps(tiny_artifact, topics, env, kafka_s
 
 
 @pytest.mark.long
+@pytest.mark.parametrize("kafka_client", CLIENTS)
 def test_scale_storm_at_least_once_small_caps(tiny_artifact, topics, env, kafka_settings, tmp_path, summary):
     storm(tiny_artifact, topics, env, kafka_settings, tmp_path, summary, "scale storm (at-least-once, small caps)",
           "--max-in-flight", "128", "--max-batch-size", "16")
 
 
 @pytest.mark.long
+@pytest.mark.parametrize("kafka_client", CLIENTS)
 def test_scale_storm_exactly_once(tiny_artifact, topics, env, kafka_settings, tmp_path, summary):
     duplicated = storm(tiny_artifact, topics, env, kafka_settings, tmp_path, summary,
                        "scale storm (exactly-once)", "--guarantee", "exactly-once")
     assert duplicated == 0
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS_LONG)
 @pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
 def test_output_topic_missing_for_20s(tiny_artifact, topics, env, kafka_settings, summary, tmp_path, guarantee):
     """A refusal that passes: the output topic is deleted, then created again 20 s later. Nothing is
@@ -265,6 +272,7 @@ def ids_of_first(values: list[bytes]) -> list[str]:
     return [json.loads(v)["id"] for v in values]
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS)
 @pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
 def test_a_result_too_large_for_the_output_topic_is_dead_lettered(tiny_artifact, topics, env, kafka_settings,
                                                                    local_broker, summary, tmp_path, guarantee):
@@ -290,6 +298,7 @@ def test_a_result_too_large_for_the_output_topic_is_dead_lettered(tiny_artifact,
     assert in_partition_order(results)
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS)
 def test_sasl_worker_and_producer_with_right_and_wrong_credentials(tiny_artifact, topics, env, kafka_settings,
                                                                   summary, tmp_path):
     password = "sentiment-secret"

@@ -13,6 +13,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from ops.harness import WorkerProcess, free_port, publish, read
+from tests.conftest import CLIENTS
 
 SESSION_MS = 10_000
 
@@ -54,9 +55,12 @@ def startup_done(port: int, timeout: float = 120) -> float:
     raise AssertionError("the model did not load in time")
 
 
-@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+@pytest.mark.parametrize(("static", "kafka_client"), [
+    (True, "kafka-python"), (False, "kafka-python"), (True, "confluent"),
+    pytest.param(False, "confluent", marks=pytest.mark.long)], ids=["static", "dynamic", "static-confluent",
+                                                                    "dynamic-confluent"])
 def test_a_sigkilled_worker_restarted_gets_back_to_work(tiny_artifact, topics, env, kafka_settings, tmp_path,
-                                                         static):
+                                                         static, kafka_client):
     topics.create(partitions=2)
     stream = threading.Thread(target=publish, daemon=True, args=(
         kafka_settings, topics.input, [json.dumps({"id": f"m{i}", "text": f"a fine film {i}"}).encode()
@@ -80,11 +84,13 @@ def test_a_sigkilled_worker_restarted_gets_back_to_work(tiny_artifact, topics, e
         assert second.terminate() == 0
     tail.running = False
     waited = delivered - loaded
-    print(f"restart ({'static' if static else 'dynamic'} membership): first result {waited:.1f} s after the "
-          f"model loaded, {delivered - killed:.1f} s after the SIGKILL (session timeout {SESSION_MS / 1000:.0f} s)")
+    print(f"restart ({'static' if static else 'dynamic'} membership, {kafka_client}): first result {waited:.1f} s "
+          f"after the model loaded, {delivered - killed:.1f} s after the SIGKILL "
+          f"(session timeout {SESSION_MS / 1000:.0f} s)")
     assert waited < (5 if static else SESSION_MS / 1000 + 5)
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS)
 def test_a_caught_up_worker_on_transactional_input_shows_no_lag(tiny_artifact, topics, env, kafka_settings,
                                                                  tmp_path):
     topics.create(partitions=2)

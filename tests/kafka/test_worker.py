@@ -15,7 +15,7 @@ from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 from kafka.errors import KafkaTimeoutError
 
 from ops.harness import WorkerProcess, free_port, publish, read
-from tests.conftest import ROOT
+from tests.conftest import CLIENTS, CLIENTS_LONG, ROOT
 
 
 def start(artifact, topics, env, *args, **kwargs) -> WorkerProcess:
@@ -60,6 +60,7 @@ def stream(settings, topic, vals, keys, seconds) -> threading.Thread:
     return thread
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS)
 def test_results_dead_letters_caps_and_order(tiny_artifact, topics, env, kafka_settings, tmp_path):
     topics.create(partitions=2)
     vals, keys, ids = reviews(2000)
@@ -99,6 +100,7 @@ def test_results_dead_letters_caps_and_order(tiny_artifact, topics, env, kafka_s
     assert metric(scrape, "sentiment_worker_messages_consumed_total") == len(mixed)
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS)
 def test_lone_record_on_idle_topic_comes_out_within_two_seconds(tiny_artifact, topics, env, kafka_settings):
     topics.create()
     with start(tiny_artifact, topics, env, "--max-wait-ms", "25", metrics_port=free_port()) as worker:
@@ -136,17 +138,20 @@ def kill_loop(artifact, topics, env, settings, tmp_path, *extra):
     return duplicates
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS_LONG)
 def test_sigkill_three_times_at_least_once_loses_nothing(tiny_artifact, topics, env, kafka_settings, tmp_path):
     duplicates = kill_loop(tiny_artifact, topics, env, kafka_settings, tmp_path)
     assert duplicates <= 3 * 32
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS)
 def test_sigkill_three_times_exactly_once_has_no_duplicates(tiny_artifact, topics, env, kafka_settings, tmp_path):
     duplicates = kill_loop(tiny_artifact, topics, env, kafka_settings, tmp_path,
                            "--guarantee", "exactly-once", "--instance-id", "w0")
     assert duplicates == 0
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS_LONG)
 def test_two_workers_share_partitions_and_lose_nothing_when_one_stops(tiny_artifact, topics, env,
                                                                        kafka_settings, tmp_path):
     topics.create(partitions=4)
@@ -170,6 +175,50 @@ def test_two_workers_share_partitions_and_lose_nothing_when_one_stops(tiny_artif
     assert set(ids) <= {b["id"] for b in bodies(results)}
 
 
+@pytest.mark.parametrize("guarantee", ["at-least-once", pytest.param("exactly-once", marks=pytest.mark.long)])
+def test_kafka_python_and_confluent_workers_share_one_group(tiny_artifact, topics, env, kafka_settings, tmp_path,
+                                                           guarantee):
+    """A migration between clients: a kafka-python worker and a confluent worker in one group on 4
+    partitions (the same assignor names) both consume; then the kafka-python one stops and the confluent
+    one takes its partitions over. Nothing is lost, each partition stays in order."""
+    pytest.importorskip("confluent_kafka", reason="the `fast` extra (confluent-kafka) is not installed")
+    topics.create(partitions=4)
+    args = ("--guarantee", guarantee, "--instance-id")
+    old = start(tiny_artifact, topics, dict(env, SENTIMENT_KAFKA_CLIENT="kafka-python"), *args, "old",
+                metrics_port=free_port(), log=tmp_path / "old.log")
+    new = start(tiny_artifact, topics, dict(env, SENTIMENT_KAFKA_CLIENT="confluent"), *args, "new",
+                metrics_port=free_port(), log=tmp_path / "new.log")
+    with old, new:
+        old.wait_ready()
+        new.wait_ready()
+        vals, keys, ids = reviews(4000, "m")
+        producer = stream(kafka_settings, topics.input, vals, keys, seconds=8)
+        deadline = time.monotonic() + 30  # ready means joined: the group may still be settling
+        consumed_old = consumed_new = 0.0
+        while time.monotonic() < deadline and not (consumed_old and consumed_new):
+            time.sleep(0.5)
+            consumed_old = old.metric("sentiment_worker_messages_consumed_total")
+            consumed_new = new.metric("sentiment_worker_messages_consumed_total")
+        assert old.terminate() == 0, old.tail()
+        producer.join()
+        results = read(kafka_settings, topics.output, 4000, timeout=120, committed_only=True, settle=2)
+        assert new.terminate() == 0, new.tail()
+    assert "Kafka client: kafka-python" in (tmp_path / "old.log").read_text()
+    assert "Kafka client: confluent" in (tmp_path / "new.log").read_text()
+    assert consumed_old > 0 and consumed_new > 0, (consumed_old, consumed_new)
+    got = Counter(b["id"] for b in bodies(results))
+    print(f"\nsummary: mixed group ({guarantee}): sent=4000 classified={len(got)} lost={len(set(ids) - set(got))} "
+          f"duplicated={sum(got.values()) - len(got)} consumed by kafka-python={consumed_old:.0f} "
+          f"by confluent={consumed_new:.0f}")
+    assert set(ids) <= set(got)
+    for partition in range(4):
+        offsets = [b["source"]["offset"] for b in bodies(results) if b["source"]["partition"] == partition]
+        assert list(dict.fromkeys(offsets)) == sorted(set(offsets)), f"partition {partition} out of order"
+    if guarantee == "exactly-once":
+        assert sum(got.values()) == len(got), "duplicates under exactly-once"
+
+
+@pytest.mark.parametrize("kafka_client", CLIENTS)
 def test_sigterm_drains_commits_and_exits_zero(tiny_artifact, topics, env, kafka_settings, tmp_path):
     topics.create(partitions=2)
     vals, keys, ids = reviews(3000)
@@ -226,6 +275,7 @@ def broker_creates_topics(settings) -> bool:
         producer.close(timeout=1)
 
 
+@pytest.mark.parametrize("kafka_client", CLIENTS)
 def test_missing_topic_is_a_clear_error_when_the_broker_does_not_create_topics(tiny_artifact, topics, env,
                                                                                 kafka_settings):
     if broker_creates_topics(kafka_settings):

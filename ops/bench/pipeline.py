@@ -1,0 +1,246 @@
+"""The "pipeline" reference point (DESIGN.md, Benchmarks): what the worker's per-record path costs.
+
+On one backlog (SST-2 sentences, 4 partitions), in one run on one machine:
+- each Kafka client's own loop, no model: consume, produce each value, commit per poll;
+- the worker with a tiny random DistilBERT (dim 32, 2 layers: the model costs almost nothing, as on
+  a GPU) and GPU caps, once per `--kafka-client`;
+- tokenizing alone and the tiny model's forward alone (length-sorted batches), the worker's budget.
+
+    python -m ops.bench.pipeline [--records 40000] [--out ops/bench/out/pipeline.json]
+
+Prints a table and writes the figures as JSON. Needs a broker (KAFKA_BOOTSTRAP_SERVERS; `make bench`
+starts the local one) and the `fast` extra for the confluent rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from contract.kafka import KafkaSettings
+from contract.records import encode_review
+from contract.review_files import ReviewRow, read_reviews
+from ops.harness import Topics, WorkerProcess, free_port, publish
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "ops" / "bench" / "out"
+CLIENTS = ("kafka-python", "confluent")
+GPU_CAPS = ("--max-batch-size", "256", "--max-batch-tokens", "65536")
+POLL_RECORDS = 500
+
+
+def say(message: str) -> None:
+    print(f"[pipeline] {message}", file=sys.stderr, flush=True)
+
+
+def review_files() -> list[Path]:
+    """SST-2 (train, dev) where SST2_DIR has it, else the demo reviews."""
+    folder = os.environ.get("SST2_DIR")
+    paths = [Path(folder) / f"{split}.tsv" for split in ("train", "dev")] if folder else []
+    return [p for p in paths if p.is_file()] or [ROOT / "ops" / "demo_reviews.tsv"]
+
+
+def sentences(count: int) -> list[str]:
+    """`count` sentences, repeated as needed."""
+    texts = [r.text for path in review_files() for r in read_reviews(str(path)) if isinstance(r, ReviewRow)]
+    return (texts * (count // len(texts) + 1))[:count]
+
+
+def tiny_artifact(texts: list[str]) -> Path:
+    """A tiny random DistilBERT with the uncased vocabulary (when the offline package has it, so tokenizing
+    costs what it costs for the real model) and a logistic head fitted on its features."""
+    from models.build import save_random_distilbert
+    from models.encoder import offline_folder
+
+    encoder_dir, artifact = OUT / "tiny-distilbert", OUT / "artifacts" / "tiny-distilbert"
+    if not (encoder_dir / "config.json").is_file():
+        vocab = offline_folder() / "vocab.txt" if offline_folder() else None
+        save_random_distilbert(encoder_dir, texts[:5000], vocab_file=vocab, tiny=True)
+    if not (artifact / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "models", "train", "--data", str(review_files()[-1]), "--encoder",
+                        str(encoder_dir), "--out", str(artifact), "--limit", "300", "--dtype", "fp32"], cwd=ROOT,
+                       check=True, stdout=subprocess.DEVNULL)
+    return artifact
+
+
+# -- each client's own loop ----------------------------------------------------------------------------
+
+
+def kafka_python_loop(settings: KafkaSettings, topics: Topics, count: int) -> float:
+    from kafka import KafkaConsumer, KafkaProducer
+
+    consumer = KafkaConsumer(topics.input, **settings.client_config("bench-loop"), group_id=topics.group,
+                             auto_offset_reset="earliest", enable_auto_commit=False,
+                             isolation_level="read_committed", max_poll_records=POLL_RECORDS)
+    producer = KafkaProducer(**settings.client_config("bench-loop"), acks="all", linger_ms=2)
+    done, started = 0, None
+    while done < count:
+        polled = consumer.poll(timeout_ms=100)
+        for records in polled.values():
+            for record in records:
+                producer.send(topics.output, key=record.key, value=record.value)
+            done += len(records)
+        if polled:
+            started = started or time.perf_counter()
+            consumer.commit_async()
+    producer.flush()
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    producer.close()
+    return count / elapsed
+
+
+def confluent_loop(settings: KafkaSettings, topics: Topics, count: int) -> float:
+    from confluent_kafka import Consumer, Producer
+
+    from worker.confluent import librdkafka_settings
+
+    base = librdkafka_settings(settings, "bench-loop")
+    consumer = Consumer({**base, "group.id": topics.group, "auto.offset.reset": "earliest",
+                         "enable.auto.commit": False, "isolation.level": "read_committed"})
+    producer = Producer({**base, "acks": "all", "linger.ms": 2, "enable.idempotence": True})
+    consumer.subscribe([topics.input])
+    done, started = 0, None
+    while done < count:
+        messages = consumer.consume(POLL_RECORDS, 0.1)
+        for message in messages:
+            if message.error() is None:
+                producer.produce(topics.output, message.value(), message.key())
+                done += 1
+        if messages:
+            started = started or time.perf_counter()
+            producer.poll(0)
+            consumer.commit(asynchronous=True)
+    producer.flush()
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return count / elapsed
+
+
+# -- the worker, tiny model ----------------------------------------------------------------------------
+
+
+def worker_rate(artifact: Path, topics: Topics, client: str, count: int, timeout: float) -> dict:
+    """Records/s from ready (model loaded, group joined) until the counters show every record delivered."""
+    env = dict(os.environ, SENTIMENT_KAFKA_CLIENT=client)
+    with WorkerProcess(artifact, topics, "--device", "cpu", "--dtype", "fp32", *GPU_CAPS, env=env,
+                       metrics_port=free_port(), log=OUT / f"pipeline-worker-{client}.log") as worker:
+        worker.wait_ready()
+        started = time.perf_counter()
+        deadline = time.monotonic() + timeout
+        done = 0.0
+        while time.monotonic() < deadline and done < count:
+            time.sleep(0.2)
+            done = (worker.metric("sentiment_worker_messages_classified_total")
+                    + worker.metric("sentiment_worker_messages_dead_lettered_total"))
+        elapsed = time.perf_counter() - started
+        padding = worker.metric("sentiment_worker_padding_efficiency")
+        worker.terminate()
+    if done < count:
+        raise RuntimeError(f"the {client} worker delivered {done:.0f} of {count} in {timeout:.0f} s")
+    return {"per_second": round(count / elapsed, 1), "padding_efficiency": round(padding, 3)}
+
+
+# -- tokenizing and forward alone ----------------------------------------------------------------------
+
+
+def budget(artifact: Path, texts: list[str]) -> dict:
+    import torch
+
+    from models.artifact import load_artifact
+    from models.encoder import Encoder
+    from models.head import TorchHead
+    from ops.bench.ceiling import measure
+
+    loaded = load_artifact(artifact)
+    encoder = Encoder.load(loaded.manifest.encoder, "cpu", "fp32")
+    sample = texts[:10_000]
+    started = time.perf_counter()
+    for i in range(0, len(sample), 256):
+        encoder.tokenize(sample[i:i + 256])
+    tokenize = len(sample) / (time.perf_counter() - started)
+    with torch.inference_mode():
+        forward = measure(encoder, TorchHead(loaded.estimator, encoder.device), sample, 256, 65536).per_second
+    return {"tokenize_per_second": round(tokenize, 1), "forward_per_second": round(forward, 1)}
+
+
+def run(settings: KafkaSettings, count: int, partitions: int, clients: tuple[str, ...]) -> dict:
+    OUT.mkdir(parents=True, exist_ok=True)
+    texts = sentences(count)
+    artifact = tiny_artifact(texts)
+    run_id = f"pipeline{int(time.time())}"
+    source = Topics.prefixed(settings, f"{run_id}.in").create(partitions)
+    say(f"publishing {count} records on {partitions} partitions")
+    publish(settings, source.input, [encode_review(f"p{i}", t) for i, t in enumerate(texts)])
+    results: dict = {"records": count, "partitions": partitions, "cpus": os.cpu_count(),
+                     "load_average": os.getloadavg(), "loop": {}, "worker": {}}
+
+    def topics_for(name: str) -> Topics:
+        """The shared input (deleted once, at the end); this run's own output, dead letters and group."""
+        own = replace(Topics.prefixed(settings, f"{run_id}.{name}"), input=source.input).create()
+        own.created.remove(source.input)
+        return own
+
+    loops = {"kafka-python": kafka_python_loop, "confluent": confluent_loop}
+    for client in clients:
+        say(f"{client} loop alone")
+        topics = topics_for(f"loop-{client}")
+        results["loop"][client] = {"per_second": round(loops[client](settings, topics, count), 1)}
+        topics.delete()
+    for client in clients:
+        say(f"worker, tiny model, {client}")
+        topics = topics_for(f"worker-{client}")
+        results["worker"][client] = worker_rate(artifact, topics, client, count, timeout=count / 100 + 120)
+        topics.delete()
+    say("tokenizing and the tiny forward alone")
+    results["budget"] = budget(artifact, texts)
+    source.delete()
+    return results
+
+
+def table(results: dict) -> str:
+    loop, worker, budget_ = results["loop"], results["worker"], results["budget"]
+    rows = [(f"{c} alone: consume, produce each value, commit per poll (no model)", loop[c]["per_second"])
+            for c in loop]
+    rows += [(f"the worker, tiny model, --kafka-client {c}", worker[c]["per_second"]) for c in worker]
+    rows += [("tokenizing alone (batches of 256)", budget_["tokenize_per_second"]),
+             ("tiny model forward alone (length-sorted, 256 rows)", budget_["forward_per_second"])]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'path':<{width}} | records/s", f"{'-' * width}-|----------"]
+    lines += [f"{name:<{width}} | {rate:>9,.0f}" for name, rate in rows]
+    if "kafka-python" in worker and "kafka-python" in loop:
+        ratio = worker["kafka-python"]["per_second"] / loop["kafka-python"]["per_second"]
+        lines.append(f"worker kafka-python / kafka-python loop = {ratio:.2f} (target >= 0.4, goal 0.6)")
+    if "confluent" in worker and "kafka-python" in worker:
+        slower = min(budget_["tokenize_per_second"], budget_["forward_per_second"])
+        lines.append(f"worker confluent / worker kafka-python = "
+                     f"{worker['confluent']['per_second'] / worker['kafka-python']['per_second']:.2f} (target >= 1.5)"
+                     f"; / slower of tokenizing and forward = {worker['confluent']['per_second'] / slower:.2f} "
+                     "(or >= 0.8)")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m ops.bench.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=40_000)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--clients", default=",".join(CLIENTS))
+    parser.add_argument("--out", type=Path, default=OUT / "pipeline.json")
+    args = parser.parse_args()
+    results = run(KafkaSettings.from_env(), args.records, args.partitions, tuple(args.clients.split(",")))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
