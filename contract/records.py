@@ -186,10 +186,11 @@ def encode_result(
     return json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
-def encode_dead_letter(rejection: Rejection, value: bytes | None, source: Source) -> bytes:
+def encode_dead_letter(rejection: Rejection, value: bytes | None, source: Source,
+                       keep_bytes: int = DLQ_VALUE_PREFIX_BYTES) -> bytes:
     """A dead-letter value; it keeps at most the first 64 KiB of the original, so it always fits the broker."""
     raw = value or b""
-    kept = raw[:DLQ_VALUE_PREFIX_BYTES]
+    kept = raw[:keep_bytes]
     body = {
         "error": rejection.code.value,
         "detail": rejection.detail.encode("utf-8", "replace").decode("utf-8")[:1000],

@@ -204,12 +204,13 @@ class FakeProducer:
         self._offsets: dict[TP, int] = {}
         self.closed = False
 
-    def send(self, topic, key, value, headers, on_done) -> None:
+    def send(self, topic, key, value, headers, on_done) -> Exception | None:
         assert not self.closed
         assert not self.transactional or self._txn is not None, "a transactional send outside a transaction"
         self.waiting.append((topic, key, value, headers, on_done))
         if self.auto_answer:
             self.answer()
+        return None
 
     def answer(self, count: int | None = None) -> None:
         """The broker answers the oldest `count` sends (all by default)."""

@@ -78,8 +78,9 @@ class ConsumerClient(Protocol):
 
 class ProducerClient(Protocol):
     def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
-             on_done: Callable[[Exception | None], None]) -> None:
-        """Queue one message; `on_done` runs (on any thread) with None once acknowledged, or the error."""
+             on_done: Callable[[Exception | None], None]) -> Exception | None:
+        """Queue one message; `on_done` runs (on any thread) with None once acknowledged, or the error. A send
+        refused at once (no metadata for the topic in time) returns that error too, so the caller stops."""
 
     def flush(self, timeout_s: float) -> None: ...
 

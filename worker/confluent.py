@@ -228,12 +228,14 @@ class ConfluentProducer:
         log.debug("Kafka producer: %s", err.str())
 
     def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
-             on_done: Callable[[Exception | None], None]) -> None:
+             on_done: Callable[[Exception | None], None]) -> Exception | None:
         try:
             self._producer.produce(topic, value, key, headers=headers,
                                    on_delivery=lambda err, _msg: on_done(None if err is None else _error(err)))
         except (KafkaException, BufferError) as err:  # larger than message.max.bytes, a full queue, a bad state
             on_done(err)
+            return err
+        return None
 
     def refusal(self, err: Exception) -> Refusal:
         code = _code(err)

@@ -38,14 +38,20 @@ BACKOFF_MAX_S = 5.0
 RENEW_AFTER_ROUNDS = 3
 
 
-class Interrupted(Exception):
-    """A second signal ended the drain: nothing more is committed."""
+class Interrupted(BaseException):
+    """A second signal ended the drain: nothing more is committed (no `except Exception` stops it)."""
 
 
 def rejected_dead_letter(entry: Entry, dlq_topic: str) -> Outgoing:
-    """What a result the output topic refuses for good becomes."""
+    """What a message its topic refuses for good becomes: a result, an `output_rejected` dead letter; a dead
+    letter the dead-letter topic refuses, a minimal one (no value bytes, no headers), so nothing loops."""
     record = entry.record
     source = Source(record.tp.topic, record.tp.partition, record.offset)
+    if entry.message.topic == dlq_topic:
+        rejection = Rejection(DeadLetterCode.OUTPUT_REJECTED, f"{dlq_topic} refuses the full dead letter "
+                                                              f"({entry.message.outcome}): {entry.detail}")
+        return Outgoing(record, dlq_topic, encode_dead_letter(rejection, record.value, source, keep_bytes=0),
+                        DeadLetterCode.OUTPUT_REJECTED.value, is_result=False, keep_headers=False)
     rejection = Rejection(DeadLetterCode.OUTPUT_REJECTED, f"{entry.message.topic} refuses the result: {entry.detail}")
     return Outgoing(record, dlq_topic, encode_dead_letter(rejection, record.value, source),
                     DeadLetterCode.OUTPUT_REJECTED.value, is_result=False)
@@ -73,6 +79,7 @@ class _Delivery:
         self._failed_rounds = 0
         self._resume_at = 0.0
         self._last_commit = clock()
+        self.interrupted: Callable[[], bool] = lambda: False  # set by the loop: a second signal came
         self._generation = 0  # of the producer: answers from a replaced one do not count as this one's
         self._unanswered = 0  # sends of the current producer without an answer yet
 
@@ -83,13 +90,18 @@ class _Delivery:
         entries = self.tracker.release(now, self.one_round)
         if entries:
             self._before_send()
+        refused_at_once: Exception | None = None
         for entry in entries:
             self._fit(entry)
             message, record = entry.message, entry.record
             key = (record.tp, entry.epoch, record.offset, entry.attempt, self._generation)
             self._unanswered += 1
-            self.producer.send(message.topic, record.key, message.value, copy_headers(record.headers),
-                               lambda err, k=key: self._answers.put((k, err)))
+            if refused_at_once is not None:  # e.g. no metadata for the topic: the rest of the round waits no more
+                self._answers.put((key, refused_at_once))
+                continue
+            headers = copy_headers(record.headers) if message.keep_headers else []
+            refused_at_once = self.producer.send(message.topic, record.key, message.value, headers,
+                                                 lambda err, k=key: self._answers.put((k, err)))
 
     def _fit(self, entry: Entry) -> None:
         """A message over its topic's max.message.bytes can never be accepted: dead-letter it now."""
@@ -97,7 +109,7 @@ class _Delivery:
         limit = self.max_message_bytes(message.topic)
         size = (len(message.value) + len(record.key or b"") + RECORD_OVERHEAD
                 + sum(len(k) + len(v or b"") for k, v in record.headers))
-        if limit is not None and size > limit and message.topic != self.dlq_topic:
+        if limit is not None and size > limit:
             entry.detail = f"{size} bytes with its key and headers, over max.message.bytes={limit}"
             entry.message = rejected_dead_letter(entry, self.dlq_topic)
 
@@ -181,10 +193,12 @@ class AtLeastOnce(_Delivery):
             except queue.Empty:
                 break
             self._unanswered -= generation == self._generation
-            refusal = None if err is None else self._refused(err)
+            refusal = None if err is None else self._classify(err)
             if not self.tracker.answered(tp, epoch, offset, attempt, refusal, f"{type(err).__name__}: {err}"):
-                continue
-            if err is None:
+                continue  # an answer that no longer counts (stale epoch or attempt) changes nothing
+            if err is not None:
+                self._refused(err)
+            else:
                 self._recovered()
                 self.on_delivered(self.tracker.entry(tp, epoch, offset).message)
         until = None
@@ -218,10 +232,10 @@ class AtLeastOnce(_Delivery):
     def abandon(self) -> None:
         """Revoked partitions' messages in flight stay in flight; their answers no longer count."""
 
-    def flush(self, interrupted: Callable[[], bool]) -> None:
+    def flush(self) -> None:
         """Until every message is acknowledged (sent again as needed), then commit and wait for it."""
         while self.tracker.sent() or self.tracker.ready():
-            if interrupted():
+            if self.interrupted():
                 raise Interrupted
             self.publish()
             if self.producer is not None:
@@ -245,7 +259,7 @@ class ExactlyOnce(_Delivery):
         limit = self.max_message_bytes(message.topic)
         size = (len(message.value) + len(record.key or b"") + RECORD_OVERHEAD
                 + sum(len(k) + len(v or b"") for k, v in record.headers))
-        if limit is not None and size > limit and message.topic != self.dlq_topic:
+        if limit is not None and size > limit:
             entry.detail = f"{size} bytes with its key and headers, over max.message.bytes={limit}"
             entry.message = rejected_dead_letter(entry, self.dlq_topic)
 
@@ -307,6 +321,8 @@ class ExactlyOnce(_Delivery):
                     first = first or err
             if self._unanswered <= 0:
                 return first
+            if self.interrupted():
+                raise Interrupted
             if clock() > deadline:
                 return first or TimeoutError(f"{self._unanswered} sends unanswered after the transaction timeout")
             self.producer.flush(timeout_s=0.2)
@@ -348,10 +364,10 @@ class ExactlyOnce(_Delivery):
         self.tracker.transaction_aborted()
         self._began = None
 
-    def flush(self, interrupted: Callable[[], bool]) -> None:
+    def flush(self) -> None:
         """Commit until nothing is left (each failed transaction is redone)."""
         while self.tracker.ready() or self._began is not None:
-            if interrupted():
+            if self.interrupted():
                 raise Interrupted
             self.publish()
             self._commit()

@@ -222,17 +222,22 @@ class KafkaPythonProducer:
     def __init__(self, producer: KafkaProducer, transactional: bool) -> None:
         self._producer = producer
         if transactional:
-            producer.init_transactions()  # fences any older producer of the same transactional id
+            try:
+                producer.init_transactions()  # fences any older producer of the same transactional id
+            except BaseException:
+                self.close(timeout_s=0)  # else its I/O thread lives on, one per try while the broker is away
+                raise
 
     def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
-             on_done: Callable[[Exception | None], None]) -> None:
+             on_done: Callable[[Exception | None], None]) -> Exception | None:
         try:
             future = self._producer.send(topic, key=key, value=value, headers=headers)
         except kerr.KafkaError as err:  # no metadata in time, larger than a request, a transaction in error
             on_done(err)
-            return
+            return err
         future.add_callback(lambda _metadata: on_done(None))
         future.add_errback(on_done)
+        return None
 
     def refusal(self, err: Exception) -> Refusal:
         if isinstance(err, REJECTED):
@@ -263,6 +268,10 @@ class KafkaPythonProducer:
         self._producer.abort_transaction()
 
     def close(self, timeout_s: float) -> None:
+        """`timeout_s=0`: at once, its pending sends failed (kafka-python's close(0) flushes first and raises
+        while a send is pending, leaving the I/O thread running)."""
+        if timeout_s == 0:
+            self._producer._sender.force_close()
         try:
             self._producer.close(timeout=timeout_s)
         except kerr.KafkaError as err:  # after a long outage close(0) raises; the producer is gone all the same

@@ -54,6 +54,7 @@ class Worker:
         self.tracker = OffsetTracker()
         metrics.in_hand.set_function(lambda: len(self.tracker))
         self.delivery = make_delivery(self.tracker, self._delivered)
+        self.delivery.interrupted = lambda: self.interrupted
         self.pool: list[Pending] = []
         self.paused: bool | None = False
         self.stopping = False
@@ -101,7 +102,7 @@ class Worker:
             self._take_scores(self.inference.collect(timeout=0.1))
             self.delivery.publish()
             self.delivery.step()
-        self.delivery.flush(lambda: self.interrupted)
+        self.delivery.flush()
 
     def _room(self) -> int:
         """Records that may still be polled: memory stays bounded by count and by bytes under any backlog."""
@@ -113,6 +114,8 @@ class Worker:
         """Block on the device, not on Kafka, when polling cannot help: no room, or work already queued."""
         if self.inference.busy and (self._room() <= 0 or not self.inference.has_room()):
             return 0.05
+        if self._room() <= 0:
+            return 0.01  # waiting for the broker's answers: no reason to spin
         return 0.0
 
     # -- stages --------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ class Outgoing:
     value: bytes
     outcome: str  # the label of a result, or the error code of a dead letter
     is_result: bool
+    keep_headers: bool = True  # the input record's headers travel with it
 
 
 @dataclass
