@@ -5,6 +5,24 @@ from __future__ import annotations
 import logging
 import os
 import signal
+
+
+def _stop_while_starting(signum: int, _frame: object) -> None:
+    """Until the loop runs nothing is consumed: a SIGTERM/SIGINT while the libraries import or the model loads
+    ends at once, cleanly (installed before the heavy imports, which take a while on a busy machine)."""
+    logging.getLogger("worker").info("stopped while starting (signal %d)", signum)
+    logging.shutdown()
+    os._exit(0)  # no client thread may hold the exit up
+
+
+def _on_signals_while_starting() -> None:
+    signal.signal(signal.SIGTERM, _stop_while_starting)
+    signal.signal(signal.SIGINT, _stop_while_starting)
+
+
+if __name__ == "__main__":  # `python -m worker`: before the imports below; never in a process importing this
+    _on_signals_while_starting()
+
 from collections.abc import Callable, Sequence
 
 from kafka import KafkaProducer
@@ -88,16 +106,7 @@ def connect_client(config: WorkerConfig, settings: KafkaSettings, limits: TopicL
     return consumer, lambda: KafkaPythonProducer(make_producer(), exactly_once), (KafkaError,)
 
 
-def _stop_while_starting(signum: int, _frame: object) -> None:
-    """Before the loop runs nothing is consumed: a SIGTERM/SIGINT while the model loads ends cleanly."""
-    log.info("stopped while starting (signal %d)", signum)
-    logging.shutdown()
-    os._exit(0)  # no client thread may hold the exit up
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _stop_while_starting)
-    signal.signal(signal.SIGINT, _stop_while_starting)
     config = parse_args(argv)
     setup_logging(config.log_level, config.log_format, config.instance)
     settings = KafkaSettings.from_env()
@@ -156,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cli() -> None:
     """The `sentiment-worker` console script."""
+    _on_signals_while_starting()
     run(main)
 
 
