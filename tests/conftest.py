@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -158,7 +159,8 @@ def topics(kafka_settings, request):
     """Unique input/output/dead-letter topic names (and group) for one test; deleted afterwards."""
     from ops.harness import Topics
 
-    names = Topics.prefixed(kafka_settings, f"t{uuid.uuid4().hex[:8]}-{request.node.name[:30]}")
+    test = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:30]  # a parameter's brackets are no topic name
+    names = Topics.prefixed(kafka_settings, f"t{uuid.uuid4().hex[:8]}-{test}")
     yield names
     names.delete()
 

@@ -298,7 +298,7 @@ def test_a_result_too_large_for_the_output_topic_is_dead_lettered(tiny_artifact,
     assert in_partition_order(results)
 
 
-@pytest.mark.parametrize("kafka_client", CLIENTS)
+@pytest.mark.parametrize("kafka_client", CLIENTS_LONG)
 def test_sasl_worker_and_producer_with_right_and_wrong_credentials(tiny_artifact, topics, env, kafka_settings,
                                                                   summary, tmp_path):
     password = "sentiment-secret"
