@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 WITH_BROKER := ops/kafka/with-broker
 export SST2_DIR ?= $(if $(wildcard ../shared/data/sst2/dev.tsv),$(abspath ../shared/data/sst2),)
 
-.PHONY: setup tools test test-long soak lint demo bench gpu-bundle broker-start broker-stop clean
+.PHONY: setup tools test test-long soak stack-test lint demo bench gpu-bundle broker-start broker-stop clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ soak: export KAFKA_AUTO_CREATE_TOPICS ?= false
 soak: setup  ## MINUTES=N (5) of a steady stream with a fault a minute, under each guarantee
 	$(WITH_BROKER) bash -c '$(PY) -m ops.soak --minutes $(or $(MINUTES),5) --guarantee at-least-once && \
 	  $(PY) -m ops.soak --minutes $(or $(MINUTES),5) --guarantee exactly-once'
+
+stack-test: setup tools  ## docker-compose.yml run for real (Docker engine, local images), then testcontainers
+	ops/stack/stack-test
 
 demo: setup
 	$(WITH_BROKER) $(PY) -m ops.demo $(DEMO_ARGS)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from contract.cli import UserError
-from contract.review_files import BadRow, read_reviews
+from contract.review_files import BadRow, infer_format, read_reviews
+from models.checksums import sha256_file
 
 SST2_URL = "https://github.com/clairett/pytorch-sentiment-classification/raw/master/data/SST2/train.tsv"
 SST2_DEV_URL = SST2_URL.replace("train.tsv", "dev.tsv")
@@ -21,11 +23,41 @@ CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "re
 
 
 @dataclass(frozen=True)
-class LabeledData:
-    texts: list[str]
-    labels: list[int]
+class LabeledFile:
+    """A labeled file read as a stream, so that its size does not matter."""
+
+    path: Path
+    fmt: str | None
     sha256: str
-    origin: str
+
+    def rows(self, limit: int | None = None) -> Iterator[tuple[str, int]]:
+        """(text, label) of the first `limit` rows (all when None); a malformed or unlabeled row is an
+        error naming its line."""
+        count = 0
+        for row in read_reviews(str(self.path), self.fmt):
+            if limit and count >= limit:
+                return
+            if isinstance(row, BadRow):
+                raise UserError(f"{self.path}:{row.line}: {row.reason}")
+            if row.label is None:
+                raise UserError(f"{self.path}:{row.line}: row has no label (0 or 1)")
+            count += 1
+            yield row.text, row.label
+        if not count:
+            raise UserError(f"{self.path} holds no labeled rows")
+
+    def chunks(self, size: int, limit: int | None = None) -> Iterator[tuple[list[str], list[int]]]:
+        """The rows in consecutive chunks of `size` (the last one shorter)."""
+        texts: list[str] = []
+        labels: list[int] = []
+        for text, label in self.rows(limit):
+            texts.append(text)
+            labels.append(label)
+            if len(texts) == size:
+                yield texts, labels
+                texts, labels = [], []
+        if texts:
+            yield texts, labels
 
 
 def _download(url: str) -> Path:
@@ -60,23 +92,10 @@ def resolve(spec: str) -> Path:
     return Path(spec)
 
 
-def load_labeled(spec: str, fmt: str | None = None, limit: int | None = None) -> LabeledData:
-    """Read labeled rows; any malformed or unlabeled row is an error naming its line."""
+def open_labeled(spec: str, fmt: str | None = None) -> LabeledFile:
+    """A labeled file by path, URL or `sst2`/`sst2-dev`, hashed (streaming) for the manifest and the cache."""
     path = resolve(spec)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    texts: list[str] = []
-    labels: list[int] = []
-    for row in read_reviews(str(path), fmt):
-        if isinstance(row, BadRow):
-            raise UserError(f"{path}:{row.line}: {row.reason}")
-        if row.label is None:
-            raise UserError(f"{path}:{row.line}: row has no label (0 or 1)")
-        texts.append(row.text)
-        labels.append(row.label)
-        if limit and len(texts) >= limit:
-            break
-    if not texts:
-        raise UserError(f"{path} holds no labeled rows")
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    return LabeledData(texts, labels, sha, str(path))
+    infer_format(str(path), fmt)  # an unknown extension fails here, before any work
+    return LabeledFile(path, fmt, sha256_file(path))

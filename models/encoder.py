@@ -1,12 +1,18 @@
-"""A Hugging Face encoder that turns texts into [CLS] vectors, in two steps the worker calls apart.
+"""A Hugging Face encoder that turns texts into pooled vectors, in two steps the worker calls apart.
 
-`tokenize` runs on the CPU while the device is busy with the previous batch; `cls` runs the
-forward pass on padded ids. Device and dtype follow DESIGN.md: fp16 on CUDA, bf16 on CPUs
-with native bf16 instructions, fp32 otherwise.
+`tokenize` runs on the CPU while the device is busy with the previous batch; `features` runs
+the forward pass on padded ids and pools the last hidden state as the artifact says: `cls`
+(position 0, the tutorial's [CLS] vector) or `mean` (attention-masked mean, what
+sentence-transformers models are trained for). Device and dtype follow DESIGN.md: fp16 on
+CUDA, bf16 on CPUs with native bf16 instructions, fp32 otherwise.
+
+An encoder is pinned by its revision: the hub's commit hash, or for a local folder (and the
+offline package) `sha256:` over its files, so that a head is never served on other weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -20,6 +26,7 @@ import numpy as np
 import torch
 
 from contract.cli import UserError
+from models.checksums import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,8 @@ OFFLINE_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CHARS_PER_TOKEN = 32  # real English text averages 4-5 characters per WordPiece token
+POOLINGS = ("cls", "mean")
+FOLDER_REVISION = "sha256:"
 
 
 def cpu_has_native_bf16() -> bool:
@@ -71,6 +80,28 @@ def offline_folder() -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+def folder_revision(folder: Path) -> str:
+    """`sha256:` over the relative path and sha256 of every file in `folder` (hidden ones aside)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
+    return FOLDER_REVISION + digest.hexdigest()
+
+
+def length_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices cut into batches of similar length: sorted by length, each batch closed at `max_rows`
+    rows or `max_tokens` padded tokens (rows × longest row), as the worker's batcher counts them."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in np.argsort(lengths, kind="stable").tolist():
+        if current and (len(current) >= max_rows or (len(current) + 1) * lengths[i] > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Fail fast instead of letting the hub client retry for half a minute."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
@@ -95,10 +126,10 @@ class Tokens:
 
 
 class Encoder:
-    """Tokenizer + encoder on one device and dtype; `cls` returns position 0 of the last hidden state."""
+    """Tokenizer + encoder on one device and dtype; `features` pools the last hidden state by `pooling`."""
 
     def __init__(self, name: str, source: str, tokenizer, model, device: torch.device, dtype: torch.dtype,
-                 quantize: str, revision: str | None) -> None:
+                 quantize: str, revision: str | None, pooling: str = "cls") -> None:
         self.name = name
         self.source = source
         self.tokenizer = tokenizer
@@ -107,6 +138,7 @@ class Encoder:
         self.dtype = dtype
         self.quantize = quantize
         self.revision = revision
+        self.pooling = pooling
         self.hidden_size = int(model.config.hidden_size)
         limit = min(int(getattr(model.config, "max_position_embeddings", 512)),
                     int(getattr(tokenizer, "model_max_length", 512) or 512))
@@ -115,10 +147,15 @@ class Encoder:
 
     @classmethod
     def load(cls, name: str = DEFAULT_ENCODER, device: str = "auto", dtype: str = "auto",
-             quantize: str = "none") -> Encoder:
-        """Load by hub name or local folder; fall back (loudly) to the offline encoder for the default."""
+             quantize: str = "none", pooling: str = "cls", revision: str | None = None) -> Encoder:
+        """Load by hub name or local folder; fall back (loudly) to the offline encoder for the default.
+
+        With `revision` (what an artifact recorded) exactly that encoder is loaded: the hub commit,
+        or a folder whose files still hash to it; anything else is refused in one line."""
         from transformers import AutoModel, AutoTokenizer
 
+        if pooling not in POOLINGS:
+            raise UserError(f"unknown pooling {pooling!r}; this code knows {', '.join(POOLINGS)}")
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         if quantize not in ("none", "int8"):
@@ -127,29 +164,38 @@ class Encoder:
             if dev.type != "cpu":
                 raise UserError("--quantize int8 is dynamic CPU quantization; use it with --device cpu")
             torch_dtype = torch.float32
-        location, source = cls._locate(name)
+        location, source = cls._locate(name, revision)
+        hub = source == "hub"
+        found = None if hub else folder_revision(Path(location))
+        if found is not None and revision is not None and found != revision:
+            _refuse_revision(name, found, revision)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=source != "hub")
+            tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=not hub,
+                                                      revision=revision if hub else None)
             model = AutoModel.from_pretrained(location, dtype=torch_dtype, attn_implementation="sdpa",
-                                              local_files_only=source != "hub")
+                                              local_files_only=not hub, revision=revision if hub else None)
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load encoder {name!r} from {location}: {str(err).splitlines()[0]}") from None
+        found = found or getattr(model.config, "_commit_hash", None)
+        if revision is not None and found != revision:
+            _refuse_revision(name, str(found), revision)
         model.eval().to(dev)
         if quantize == "int8":
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-        revision = getattr(model.config, "_commit_hash", None)
         return cls(name if source != "offline" else OFFLINE_HUB_NAME, source, tokenizer, model, dev,
-                   torch_dtype, quantize, revision)
+                   torch_dtype, quantize, found, pooling)
 
     @staticmethod
-    def _locate(name: str) -> tuple[str, str]:
-        """Where to load `name` from: ('path', 'local' | 'offline' | 'hub')."""
+    def _locate(name: str, revision: str | None = None) -> tuple[str, str]:
+        """Where to load `name` from: ('path', 'local' | 'offline' | 'hub'). A hub commit to pin
+        (rather than a folder hash) sends a hub name to the hub or its cache, never the package."""
         if Path(name).is_dir():
             return str(Path(name).resolve()), "local"
         packaged = offline_folder()
-        if name == OFFLINE_HUB_NAME and packaged is not None:
+        hub_commit = revision is not None and not revision.startswith(FOLDER_REVISION)
+        if name == OFFLINE_HUB_NAME and packaged is not None and not hub_commit:
             return str(packaged), "offline"
-        if hub_reachable() or _in_hub_cache(name):
+        if hub_reachable() or in_hub_cache(name, revision if hub_commit else None):
             return name, "hub"
         if name == DEFAULT_ENCODER and packaged is not None:
             print(
@@ -198,33 +244,39 @@ class Encoder:
         return self.tokenize(["a"]).ids[0]
 
     @torch.inference_mode()
-    def cls(self, ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """[CLS] vectors (rows × hidden, float32, on the encoder's device) of one padded batch."""
+    def features(self, ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Pooled vectors (rows × hidden, float32, on the encoder's device) of one padded batch."""
         input_ids, mask = self.pad(ids)
         if self.device.type == "cuda":
             input_ids = input_ids.pin_memory().to(self.device, non_blocking=True)
             mask = mask.pin_memory().to(self.device, non_blocking=True)
-        out = self.model(input_ids=input_ids, attention_mask=mask)
-        return out.last_hidden_state[:, 0].float()
+        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0].float()
+        weights = mask.unsqueeze(-1).float()
+        return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1)
 
-    def embed(self, texts: Sequence[str], batch_size: int = 64,
+    def embed(self, texts: Sequence[str], max_rows: int = 64, max_tokens: int = 8192,
               progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """[CLS] features of many texts in length-sorted batches, returned in input order."""
+        """Pooled features of many texts in length-sorted batches, returned in input order."""
         tokens = self.tokenize(texts)
-        order = np.argsort(tokens.lengths, kind="stable")
         features = np.zeros((len(texts), self.hidden_size), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            features[chunk] = self.cls([tokens.ids[i] for i in chunk]).cpu().numpy()
+        for batch in length_batches(tokens.lengths, max_rows, max_tokens):
+            features[batch] = self.features([tokens.ids[i] for i in batch]).cpu().numpy()
             if progress:
-                progress(len(chunk))
+                progress(len(batch))
         return features
 
 
-def _in_hub_cache(name: str) -> bool:
+def _refuse_revision(name: str, found: str, wanted: str) -> None:
+    raise UserError(f"refusing encoder {name!r}: it is revision {found[:19]}…, but the head was trained on "
+                    f"{wanted[:19]}… (the encoder changed); restore that encoder or retrain the head")
+
+
+def in_hub_cache(name: str, revision: str | None = None) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+        return isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
     except Exception:  # any cache lookup failure means "not cached"
         return False

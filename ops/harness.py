@@ -95,12 +95,13 @@ def read(settings: KafkaSettings, topic: str, count: int, timeout: float = 60, c
 
 
 class WorkerProcess:
-    """`python -m worker` as a child process, with its metrics endpoint on loopback."""
+    """`python -m worker` (or a `module` that wraps its main) as a child process, with its metrics
+    endpoint on loopback."""
 
     def __init__(self, artifact: Path, topics: Topics, *args: str, env: dict[str, str] | None = None,
-                 metrics_port: int = 0, log: Path | None = None) -> None:
+                 metrics_port: int = 0, log: Path | None = None, module: str = "worker") -> None:
         self.metrics_port, self.log = metrics_port, log
-        cmd = [sys.executable, "-m", "worker", "--model", str(artifact), *topics.worker_args(),
+        cmd = [sys.executable, "-m", module, "--model", str(artifact), *topics.worker_args(),
                "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), *args]
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env or dict(os.environ), stdout=out,

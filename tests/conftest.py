@@ -1,17 +1,20 @@
 """Shared fixtures: a tiny encoder and artifact built here, and a real Kafka broker.
 
 Kafka comes from KAFKA_BOOTSTRAP_SERVERS when set (make test starts the local KRaft broker
-and sets it), else from testcontainers where a Docker engine runs. With neither, Kafka tests
+and sets it), else from testcontainers where a Docker engine runs (KAFKA_TEST_IMAGE, default
+apache/kafka:4.1.1; make stack-test runs a stand-in built here). With neither, Kafka tests
 fail under CI=true and skip otherwise.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import socket
 import subprocess
 import sys
+import tarfile
 import uuid
 from pathlib import Path
 
@@ -55,9 +58,7 @@ def tiny_artifact(tiny_encoder_dir, tmp_path_factory) -> Path:
     texts, labels = labeled_sentences()
     fit = fit_head(encoder.embed(texts), np.asarray(labels), grid=(1.0,))
     folder = tmp_path_factory.mktemp("artifacts") / "tiny"
-    save_artifact(folder, fit.estimator, Manifest(
-        encoder=str(tiny_encoder_dir), encoder_source="local", encoder_revision=None,
-        hidden_size=encoder.hidden_size, dtype="fp32", data_sha256="0" * 64, metrics={}))
+    save_artifact(folder, fit.estimator, Manifest.of(encoder, data_sha256="0" * 64, metrics={}))
     return folder
 
 
@@ -80,19 +81,63 @@ def _docker_engine() -> bool:
         return False
 
 
+def _kafka_container(image: str):
+    """A single-node KRaft broker from an image configured as apache/kafka is (KAFKA_* variables,
+    /etc/kafka/docker/run), through testcontainers. testcontainers' KafkaContainer drives Confluent's
+    images only; as testcontainers-java does for apache/kafka, the container waits for a start script
+    that advertises the host port, known only once the container runs."""
+    import re
+
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.wait_strategies import LogMessageWaitStrategy
+
+    script = "/tmp/tc-start.sh"
+    container = DockerContainer(image).with_exposed_ports(9092).with_command(
+        ["sh", "-c", f"while [ ! -f {script} ]; do sleep 0.1; done; exec sh {script}"])
+    for name, value in {
+        "KAFKA_NODE_ID": "1", "KAFKA_PROCESS_ROLES": "broker,controller",
+        "KAFKA_LISTENERS": "PLAINTEXT://:9092,BROKER://:9093,CONTROLLER://:9094",
+        "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": "PLAINTEXT:PLAINTEXT,BROKER:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "KAFKA_INTER_BROKER_LISTENER_NAME": "BROKER", "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+        "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:9094", "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1", "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+        "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+    }.items():
+        container.with_env(name, value)
+    container.start()
+    try:
+        advertised = (f"PLAINTEXT://{container.get_container_host_ip()}:{container.get_exposed_port(9092)},"
+                      "BROKER://localhost:9093")
+        body = f"export KAFKA_ADVERTISED_LISTENERS={advertised}\nexec /etc/kafka/docker/run\n".encode()
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w") as tar:
+            info = tarfile.TarInfo(script.lstrip("/"))
+            info.size, info.mode = len(body), 0o755
+            tar.addfile(info, io.BytesIO(body))
+        container.get_wrapped_container().put_archive("/", archive.getvalue())
+        LogMessageWaitStrategy(re.compile(r"Kafka Server started")).with_startup_timeout(180).wait_until_ready(
+            container)
+    except BaseException:
+        container.stop()
+        raise
+    return container
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> str:
+    """KAFKA_BOOTSTRAP_SERVERS, else a broker in Docker: KAFKA_TEST_IMAGE (default apache/kafka:4.1.1)."""
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if bootstrap and _reachable(bootstrap):
         yield bootstrap
         return
     if not bootstrap and _docker_engine():
-        from testcontainers.kafka import KafkaContainer
-
-        with KafkaContainer("apache/kafka:4.1.1").with_kraft() as container:
-            address = container.get_bootstrap_server()
-            os.environ["KAFKA_BOOTSTRAP_SERVERS"] = address
+        container = _kafka_container(os.environ.get("KAFKA_TEST_IMAGE", "apache/kafka:4.1.1"))
+        address = f"{container.get_container_host_ip()}:{container.get_exposed_port(9092)}"
+        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = address
+        try:
             yield address
+        finally:
+            container.stop()
         return
     message = (f"no Kafka broker: KAFKA_BOOTSTRAP_SERVERS={bootstrap!r} does not answer and no Docker engine; "
                "run the tests with `make test`, which starts the local broker")

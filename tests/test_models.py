@@ -9,15 +9,21 @@ import pytest
 import torch
 
 from contract.cli import UserError
-from models.artifact import HEAD_FILE, MANIFEST_FILE, check_encoder, load_artifact
-from models.encoder import Encoder, resolve_dtype
-from models.head import TorchHead
+from models.artifact import HEAD_FILE, JOBLIB_FILE, MANIFEST_FILE, load_artifact
+from models.classifier import Classifier
+from models.encoder import Encoder, length_batches, resolve_dtype
+from models.head import HeadWeights, TorchHead
 from tests.conftest import ROOT, labeled_sentences
 
 
 @pytest.fixture(scope="module")
 def encoder(tiny_encoder_dir):
     return Encoder.load(str(tiny_encoder_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def mean_encoder(tiny_encoder_dir):
+    return Encoder.load(str(tiny_encoder_dir), device="cpu", dtype="fp32", pooling="mean")
 
 
 def test_tokenize_adds_specials_and_truncates_at_the_limit(encoder):
@@ -28,53 +34,86 @@ def test_tokenize_adds_specials_and_truncates_at_the_limit(encoder):
     assert tokens.lengths[1] == encoder.max_length == 128 and tokens.ids[1][-1] == sep_id
 
 
-def test_cls_is_position_zero_and_padding_does_not_change_it(encoder):
+def test_cls_features_are_position_zero_and_padding_does_not_change_them(encoder):
     short, long = encoder.tokenize(["fine", "a much longer and slower review of a film"]).ids
-    alone = encoder.cls([short])
-    padded = encoder.cls([short, long])
+    alone = encoder.features([short])
+    padded = encoder.features([short, long])
     assert alone.shape == (1, encoder.hidden_size) and alone.dtype == torch.float32
     torch.testing.assert_close(alone[0], padded[0], atol=1e-5, rtol=1e-4)
     full = encoder.model(input_ids=torch.tensor([short])).last_hidden_state
     torch.testing.assert_close(alone[0], full[0, 0], atol=1e-5, rtol=1e-4)
 
 
+def test_mean_features_average_the_real_tokens_only(mean_encoder):
+    short, long = mean_encoder.tokenize(["fine", "a much longer and slower review of a film"]).ids
+    alone = mean_encoder.features([short])
+    padded = mean_encoder.features([short, long])
+    torch.testing.assert_close(alone[0], padded[0], atol=1e-5, rtol=1e-4)
+    full = mean_encoder.model(input_ids=torch.tensor([short])).last_hidden_state
+    torch.testing.assert_close(alone[0], full[0].mean(dim=0), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(alone[0], full[0, 0], atol=1e-3), "mean pooling must differ from [CLS]"
+
+
+def test_unknown_pooling_is_refused(tiny_encoder_dir):
+    with pytest.raises(UserError, match="unknown pooling 'max'"):
+        Encoder.load(str(tiny_encoder_dir), device="cpu", dtype="fp32", pooling="max")
+
+
 def test_embed_keeps_input_order(encoder):
     texts = ["a long and winding review here", "short", "medium length one"]
-    together = encoder.embed(texts, batch_size=2)
+    together = encoder.embed(texts, max_rows=2)
     one_by_one = np.stack([encoder.embed([t])[0] for t in texts])
     np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+
+def test_length_batches_sort_and_respect_both_caps():
+    lengths = [5, 50, 3, 40, 4, 45, 6]
+    batches = length_batches(lengths, max_rows=3, max_tokens=100)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) <= 3 and len(b) * max(lengths[i] for i in b) <= 100 for b in batches)
+    assert batches[0] == [2, 4, 0]  # the shortest rows together
 
 
 def test_torch_head_equals_sklearn_predict_proba(tiny_artifact, encoder):
     artifact = load_artifact(tiny_artifact)
     texts, _ = labeled_sentences(40, seed=1)
     features = encoder.embed(texts)
-    expected = artifact.estimator.predict_proba(features)[:, 1]
-    got = TorchHead(artifact.estimator, torch.device("cpu"))(torch.as_tensor(features)).numpy()
+    expected = artifact.load_estimator().predict_proba(features)[:, 1]
+    got = TorchHead(artifact.head, torch.device("cpu"))(torch.as_tensor(features)).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_tampered_head_is_refused_before_unpickling(tiny_artifact, tmp_path):
+def test_head_safetensors_holds_only_the_weights(tiny_artifact):
+    head = HeadWeights.from_bytes((tiny_artifact / HEAD_FILE).read_bytes(), HEAD_FILE)
+    np.testing.assert_array_equal(head.weight, load_artifact(tiny_artifact).load_estimator().coef_[0])
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        HeadWeights.from_bytes(b"\x80\x04K\x01.", "pickle-bytes")
+
+
+@pytest.mark.parametrize("name", [HEAD_FILE, JOBLIB_FILE])
+def test_tampered_files_are_refused_before_reading(tiny_artifact, tmp_path, name):
     copy = tmp_path / "tampered"
     copy.mkdir()
-    (copy / MANIFEST_FILE).write_text((tiny_artifact / MANIFEST_FILE).read_text())
-    (copy / HEAD_FILE).write_bytes((tiny_artifact / HEAD_FILE).read_bytes() + b"\x00")
-    with pytest.raises(UserError, match="does not match the manifest"):
+    for file in (MANIFEST_FILE, HEAD_FILE, JOBLIB_FILE):
+        (copy / file).write_bytes((tiny_artifact / file).read_bytes())
+    (copy / name).write_bytes((tiny_artifact / name).read_bytes() + b"\x00")
+    with pytest.raises(UserError, match=f"{name}: its sha256 .* does not match the manifest"):
         load_artifact(copy)
 
 
-def test_missing_artifact_and_hidden_size_mismatch_are_clear(tiny_artifact, tmp_path):
+def test_missing_artifact_and_hidden_size_mismatch_are_clear(tiny_artifact, tmp_path, encoder):
     with pytest.raises(UserError, match="no model artifact"):
         load_artifact(tmp_path)
-    with pytest.raises(UserError, match="hidden size"):
-        check_encoder(load_artifact(tiny_artifact), 768)
+    with pytest.raises(UserError, match="hidden size 32 does not match the head's 768"):
+        Classifier(encoder, TorchHead(HeadWeights(np.zeros(768), 0.0), torch.device("cpu")))
 
 
-def test_model_id_names_artifact_and_head_hash(tiny_artifact):
+def test_model_id_names_artifact_and_safetensors_hash(tiny_artifact):
     artifact = load_artifact(tiny_artifact)
     manifest = json.loads((tiny_artifact / MANIFEST_FILE).read_text())
     assert artifact.model_id == f"tiny@{manifest['head_sha256'][:12]}"
     assert set(manifest["versions"]) == {"scikit-learn", "torch", "transformers"}
+    assert manifest["format_version"] == 2 and manifest["encoder_revision"].startswith("sha256:")
 
 
 def test_dtype_auto_rules():
@@ -94,10 +133,10 @@ def test_train_and_eval_cli_end_to_end(tiny_encoder_dir, tmp_path):
     data.write_text("".join(f"{t}\t{y}\n" for t, y in zip(texts, labels, strict=True)))
     out = tmp_path / "artifacts" / "cli"
     trained = run_models("train", "--data", str(data), "--out", str(out), "--encoder", str(tiny_encoder_dir),
-                         "--limit", "0", "--dtype", "fp32", "--eval", str(data))
+                         "--limit", "0", "--dtype", "fp32", "--eval", str(data), "--no-cache")
     assert trained.returncode == 0, trained.stderr
     summary = json.loads(trained.stdout.strip().splitlines()[-1])
-    assert summary["n_train"] == 60 and 0 <= summary["eval_accuracy"] <= 1
+    assert summary["n_train"] == 60 and 0 <= summary["eval_accuracy"] <= 1 and summary["pooling"] == "cls"
     for quantize in ("none", "int8"):
         evaluated = run_models("eval", "--model", str(out), "--data", str(data), "--quantize", quantize,
                                "--device", "cpu")

@@ -4,7 +4,7 @@ import pytest
 
 from contract.cli import UserError
 from contract.review_files import BadRow, ReviewRow, infer_format, read_reviews
-from models.datasets import load_labeled
+from models.datasets import open_labeled
 
 
 def rows(tmp_path, name, content):
@@ -42,12 +42,12 @@ def test_training_data_refuses_malformed_rows_with_line_number(tmp_path):
     path = tmp_path / "train.tsv"
     path.write_text("good\t1\nbad\t0\nugly\tx\n")
     with pytest.raises(UserError, match=r"train.tsv:3"):
-        load_labeled(str(path))
-    assert load_labeled(str(path), limit=2).labels == [1, 0]
+        list(open_labeled(str(path)).rows())
+    assert list(open_labeled(str(path)).rows(limit=2)) == [("good", 1), ("bad", 0)]
 
 
 def test_sst2_reads_sst2_dir(tmp_path, monkeypatch):
     (tmp_path / "train.tsv").write_text("fine\t1\nawful\t0\n")
     monkeypatch.setenv("SST2_DIR", str(tmp_path))
-    data = load_labeled("sst2")
-    assert data.texts == ["fine", "awful"] and len(data.sha256) == 64
+    data = open_labeled("sst2")
+    assert list(data.rows()) == [("fine", 1), ("awful", 0)] and len(data.sha256) == 64

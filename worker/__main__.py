@@ -13,9 +13,8 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from contract.cli import UserError, run
 from contract.kafka import KafkaSettings, explain_connection_error
 from contract.logs import setup_logging
-from models.artifact import check_encoder, load_artifact
-from models.encoder import Encoder
-from models.head import TorchHead
+from models.artifact import load_artifact
+from models.classifier import Classifier
 from worker.check import check
 from worker.config import WorkerConfig, parse_args
 from worker.delivery import AtLeastOnce, ExactlyOnce, Interrupted
@@ -92,8 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve(metrics, health, config.metrics_host, config.metrics_port)
         except OSError as err:
             raise UserError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {err}") from None
-    encoder = Encoder.load(artifact.manifest.encoder, config.device, config.dtype, config.quantize)
-    check_encoder(artifact, encoder.hidden_size)
+    classifier = Classifier.load(artifact, config.device, config.dtype, config.quantize)  # pinned, pooled as recorded
+    encoder = classifier.encoder
     if config.max_batch_tokens < encoder.max_length:
         raise UserError(f"--max-batch-tokens {config.max_batch_tokens} is below the model's limit of "
                         f"{encoder.max_length} tokens per review")
@@ -108,9 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     consumer, make_producer = connect(config, settings, limits)
     lag = LagMonitor(settings, config.group, metrics, health)
     lag.start()
-    head = TorchHead(artifact.estimator, encoder.device)
-    inference = InferenceStage(lambda ids: head(encoder.cls(ids)).cpu().numpy(), encoder.probe_ids(),
-                               config.max_device_failures)
+    inference = InferenceStage(classifier.score_ids, encoder.probe_ids(), config.max_device_failures)
     exactly_once = config.guarantee == "exactly-once"
 
     def make_delivery(tracker, on_delivered):

@@ -22,8 +22,7 @@ from kafka.errors import KafkaError
 
 from contract.cli import UserError
 from contract.kafka import KafkaSettings, explain_connection_error
-from models.artifact import check_encoder, load_artifact
-from models.encoder import Encoder
+from models.classifier import Classifier
 from worker.config import WorkerConfig
 
 UNKNOWN_TOPIC = 3  # UNKNOWN_TOPIC_OR_PARTITION in a metadata answer
@@ -69,10 +68,10 @@ def check(config: WorkerConfig, settings: KafkaSettings, out: TextIO = sys.stdou
     report = Report(out, settings.redact)
 
     def model() -> str:
-        artifact = load_artifact(config.model)
-        encoder = Encoder.load(artifact.manifest.encoder, config.device, config.dtype, config.quantize)
-        check_encoder(artifact, encoder.hidden_size)
-        return f"{artifact.model_id}, encoder {encoder.name} on {encoder.device} ({encoder.dtype_name})"
+        classifier = Classifier.load(config.model, config.device, config.dtype, config.quantize)  # as the worker
+        encoder = classifier.encoder
+        return (f"{classifier.model_id}, encoder {encoder.name} ({encoder.pooling} pooling) on {encoder.device} "
+                f"({encoder.dtype_name})")
 
     report.step("model", model)
     found: dict[str, dict] = {}

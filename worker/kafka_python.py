@@ -95,6 +95,7 @@ class KafkaPythonConsumer:
         try:
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max(1, max_records))
         except (kerr.CorruptRecordError, kerr.UnsupportedCodecError, UnicodeDecodeError, ValueError) as err:
+            self._drop_broken_fetch()
             return Polled(records=self._step_past_unreadable(err))
         polled = Polled()
         if self._revoked:
@@ -175,9 +176,18 @@ class KafkaPythonConsumer:
                     self._consumer.seek(ktp, offset)
                     return True
             except (kerr.CorruptRecordError, kerr.UnsupportedCodecError, UnicodeDecodeError, ValueError):
+                self._drop_broken_fetch()
                 return False
         self._consumer.seek(ktp, offset)
         return True
+
+    def _drop_broken_fetch(self) -> None:
+        """kafka-python 3.0 keeps the fetched records whose decoding raised, their iterator spent but not drained:
+        its next poll from that position then spins forever. Drain them, so the partition is fetched anew."""
+        fetcher = self._consumer._fetcher
+        if fetcher._next_partition_records is not None:
+            fetcher._next_partition_records.drain()
+            fetcher._next_partition_records = None
 
     # -- commits ------------------------------------------------------------------------------------
 

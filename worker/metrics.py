@@ -19,6 +19,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -42,6 +43,7 @@ class WorkerMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_* (memory, CPU, open files): a custom registry has none by default
         self.consumed = Counter(PREFIX + "messages_consumed", "Records polled from the input topic", registry=r)
         self.classified = Counter(PREFIX + "messages_classified", "Results delivered", ["label"], registry=r)
         self.dead_lettered = Counter(PREFIX + "messages_dead_lettered", "Dead letters delivered", ["reason"],

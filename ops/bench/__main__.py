@@ -23,8 +23,8 @@ from contract.records import encode_review
 from contract.review_files import ReviewRow, read_reviews
 from models.artifact import load_artifact
 from models.build import save_random_distilbert
+from models.classifier import Classifier
 from models.encoder import Encoder, offline_folder
-from models.head import TorchHead
 from ops.bench.ceiling import measure
 from ops.bench.naive import run_naive
 from ops.harness import Topics, WorkerProcess, free_port, publish, read
@@ -96,18 +96,17 @@ def main() -> int:
     say("(a) ceiling: bare encoder + head on pre-tokenized, length-sorted batches")
     ceilings = {}
     for dtype, quantize in (("fp32", "none"), ("auto", "none"), ("fp32", "int8")):
-        encoder = Encoder.load(artifact.manifest.encoder, "cpu", dtype, quantize)
-        head = TorchHead(artifact.estimator, encoder.device)
+        classifier = Classifier.load(artifact, "cpu", dtype, quantize)
         for size in [int(s) for s in args.batch_sizes.split(",")]:
             if quantize == "int8" and size != 64:
                 continue
-            r = measure(encoder, head, texts, size)
+            r = measure(classifier, texts, size)
             results["ceiling"].append({"dtype": r.dtype, "max_batch_size": size, "per_second": round(r.per_second, 1),
                                        "padding_efficiency": round(r.padding_efficiency, 3)})
             say(f"    {r.dtype:>5} batch {size:>3}: {r.per_second:7.1f} records/s")
             if size == 64:
                 ceilings[r.dtype] = r.per_second
-        del encoder, head
+        del classifier
 
     settings = KafkaSettings.from_env()
     run_id = f"bench{int(time.time())}"

@@ -1,4 +1,5 @@
 """(a) The ceiling: the bare encoder (+ head) on pre-tokenized, length-sorted batches, no Kafka.
+The forward step is the worker's own (`Classifier.score_ids`: pooling as the manifest says).
 
 Batches are built by the worker's own batcher from an in-memory source, so this module
 needs no Kafka client and also serves the GPU benchmark.
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from models.classifier import Classifier
 from models.encoder import Encoder
-from models.head import TorchHead
 from worker.batcher import BatchCaps, Pending, next_batch, padded_tokens
 
 
@@ -48,20 +49,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(encoder: Encoder, head: TorchHead, texts: list[str], max_batch_size: int,
+def measure(classifier: Classifier, texts: list[str], max_batch_size: int,
             max_batch_tokens: int = 8192, min_seconds: float = 3.0) -> CeilingResult:
     """Records/s over whole passes of `texts` (at least `min_seconds`), after one untimed pass that
     warms up every batch shape (kernel selection, allocator, caches)."""
+    encoder = classifier.encoder
     work = batches(encoder, texts, max_batch_size, max_batch_tokens)
     real = sum(p.length for b in work for p in b)
     padded = sum(padded_tokens(b) for b in work)
     for batch in work:
-        head(encoder.cls([p.ids for p in batch])).cpu()
+        classifier.score_ids([p.ids for p in batch])
     sync(encoder.device)
     done, started = 0, time.perf_counter()
     while True:
         for batch in work:
-            head(encoder.cls([p.ids for p in batch])).cpu()
+            classifier.score_ids([p.ids for p in batch])
             done += len(batch)
         sync(encoder.device)
         elapsed = time.perf_counter() - started

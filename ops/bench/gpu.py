@@ -22,8 +22,9 @@ from sklearn.linear_model import LogisticRegression
 
 from contract.review_files import ReviewRow, read_reviews
 from models.build import save_random_distilbert
-from models.encoder import Encoder
-from models.head import TorchHead
+from models.classifier import Classifier
+from models.encoder import POOLINGS, Encoder
+from models.head import HeadWeights, TorchHead
 from ops.bench.ceiling import measure
 
 
@@ -33,6 +34,7 @@ def main() -> int:
     parser.add_argument("--sentences", required=True, help="a tsv/txt of review sentences")
     parser.add_argument("--batch-sizes", default="1,8,32,64,128,256")
     parser.add_argument("--dtypes", default="fp16,bf16,fp32")
+    parser.add_argument("--pooling", default="cls", choices=POOLINGS, help="as an artifact's manifest says")
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per configuration")
     parser.add_argument("--out", help="also write the figures as JSON here")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to try the script out)")
@@ -47,23 +49,24 @@ def main() -> int:
     folder = save_random_distilbert(Path(tempfile.mkdtemp()) / "random-distilbert", vocab_file=Path(args.vocab))
     rows = []
     for dtype in args.dtypes.split(","):
-        encoder = Encoder.load(str(folder), args.device, dtype)
+        encoder = Encoder.load(str(folder), args.device, dtype, pooling=args.pooling)
         rng = np.random.default_rng(0)
         estimator = LogisticRegression().fit(rng.normal(size=(64, encoder.hidden_size)), np.arange(64) % 2)
-        head = TorchHead(estimator, encoder.device)
+        classifier = Classifier(encoder, TorchHead(HeadWeights.of(estimator), encoder.device))
         for size in [int(s) for s in args.batch_sizes.split(",")]:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
-            result = measure(encoder, head, texts, size, max_batch_tokens=size * 128, min_seconds=args.seconds)
-            row = {"dtype": dtype, "max_batch_size": size, "records_per_s": round(result.per_second, 1),
+            result = measure(classifier, texts, size, max_batch_tokens=size * 128, min_seconds=args.seconds)
+            row = {"dtype": dtype, "pooling": args.pooling, "max_batch_size": size,
+                   "records_per_s": round(result.per_second, 1),
                    "padding_efficiency": round(result.padding_efficiency, 3),
                    "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else 0.0,
                    "wall_s": round(time.perf_counter() - started, 1)}
             rows.append(row)
             print(f"{dtype:>5} batch {size:>4}: {row['records_per_s']:9.1f} records/s  "
                   f"peak {row['peak_gpu_mib']:8.1f} MiB  padding {row['padding_efficiency']:.3f}", flush=True)
-        del encoder, head
+        del encoder, classifier
         if cuda:
             torch.cuda.empty_cache()
     report = {"device": device, "torch": torch.__version__, "rows": rows}

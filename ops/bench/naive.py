@@ -20,6 +20,7 @@ def run_naive(settings: KafkaSettings, encoder: Encoder, artifact: Artifact, top
     consumer = KafkaConsumer(topic, **settings.client_config("bench-naive"), group_id=f"naive-{time.time_ns()}",
                              auto_offset_reset="earliest", enable_auto_commit=False, max_poll_records=1)
     producer = KafkaProducer(**settings.client_config("bench-naive"), acks="all")
+    estimator = artifact.load_estimator()  # the tutorial's scikit-learn head, from head.joblib
     done, started = 0, None
     while done < count:
         for records in consumer.poll(timeout_ms=1000).values():
@@ -28,7 +29,7 @@ def run_naive(settings: KafkaSettings, encoder: Encoder, artifact: Artifact, top
                 ids = encoder.tokenizer(text, return_tensors="pt", truncation=True)
                 with torch.no_grad():
                     cls = encoder.model(**ids).last_hidden_state[:, 0, :].numpy()
-                score = float(artifact.estimator.predict_proba(cls)[0, 1])
+                score = float(estimator.predict_proba(cls)[0, 1])
                 producer.send(out_topic, json.dumps({"score": score}).encode()).get(timeout=30)
                 consumer.commit()
                 done += 1
