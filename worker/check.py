@@ -68,9 +68,10 @@ def check(config: WorkerConfig, settings: KafkaSettings, out: TextIO = sys.stdou
     report = Report(out, settings.redact)
 
     def model() -> str:
-        classifier = Classifier.load(config.model, config.device, config.dtype, config.quantize)
+        classifier = Classifier.load(config.model, config.device, config.dtype, config.quantize)  # as the worker
         encoder = classifier.encoder
-        return f"{classifier.model_id}, encoder {encoder.name} on {encoder.device} ({encoder.dtype_name})"
+        return (f"{classifier.model_id}, encoder {encoder.name} ({encoder.pooling} pooling) on {encoder.device} "
+                f"({encoder.dtype_name})")
 
     report.step("model", model)
     found: dict[str, dict] = {}
