@@ -107,9 +107,10 @@ class _Delivery:
         """A message over its topic's max.message.bytes can never be accepted: dead-letter it now."""
         message, record = entry.message, entry.record
         limit = self.max_message_bytes(message.topic)
-        size = (len(message.value) + len(record.key or b"") + RECORD_OVERHEAD
-                + sum(len(k) + len(v or b"") for k, v in record.headers))
-        if limit is not None and size > limit:
+        headers = record.headers if message.keep_headers else []
+        size = len(message.value) + len(record.key or b"") + RECORD_OVERHEAD + sum(len(k) + len(v or b"")
+                                                                                   for k, v in headers)
+        if limit is not None and size > limit and message.keep_headers:
             entry.detail = f"{size} bytes with its key and headers, over max.message.bytes={limit}"
             entry.message = rejected_dead_letter(entry, self.dlq_topic)
 
@@ -252,16 +253,6 @@ class ExactlyOnce(_Delivery):
         self.transaction_timeout_s, self.instance = transaction_timeout_s, instance
         self._began: float | None = None
         self._producer_since = clock()
-
-    def _fit(self, entry: Entry) -> None:
-        """A message over its topic's max.message.bytes can never be accepted: dead-letter it now."""
-        message, record = entry.message, entry.record
-        limit = self.max_message_bytes(message.topic)
-        size = (len(message.value) + len(record.key or b"") + RECORD_OVERHEAD
-                + sum(len(k) + len(v or b"") for k, v in record.headers))
-        if limit is not None and size > limit:
-            entry.detail = f"{size} bytes with its key and headers, over max.message.bytes={limit}"
-            entry.message = rejected_dead_letter(entry, self.dlq_topic)
 
     def _before_send(self) -> None:
         if self._began is None:
