@@ -35,7 +35,7 @@ Answer = tuple[tuple[TP, int, int, int, int], Exception | None]  # (tp, epoch, o
 RECORD_OVERHEAD = 100  # bytes a one-record batch adds around key, value and headers (at most ~90)
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
-RENEW_AFTER_ROUNDS = 3
+RENEW_AFTER_ROUNDS = 1  # kafka-python's producer was seen stuck for ~40 s after a broker restart
 
 
 class Interrupted(BaseException):
