@@ -16,7 +16,7 @@ from kafka import KafkaAdminClient, TopicPartition
 
 from ops.harness import WorkerProcess, free_port, publish, read
 from producer.replay import REPLAYED_FROM
-from tests.conftest import ROOT
+from tests.conftest import GIVES_UP_S, ROOT
 
 SASL_PASSWORD = "sentiment-secret"  # the local broker's SCRAM user (ops/kafka/local-broker)
 
@@ -76,7 +76,7 @@ def test_a_properties_file_with_sasl_settings_reaches_the_sasl_listener(env, top
     started = time.monotonic()
     bad = run(properties_env(env, tmp_path, wrong), script("sentiment-producer"), "--topic", topics.input,
               "--input", str(data), timeout=60)
-    assert bad.returncode != 0 and time.monotonic() - started < 40
+    assert bad.returncode != 0 and time.monotonic() - started < GIVES_UP_S
     assert last_line(bad).startswith("error:") and "credentials" in last_line(bad)
     assert wrong not in bad.stdout + bad.stderr and "Traceback" not in bad.stderr
 

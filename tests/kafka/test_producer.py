@@ -9,7 +9,7 @@ import pytest
 
 from contract.records import Review, Source, decode_review
 from ops.harness import read
-from tests.conftest import ROOT, sasl_env
+from tests.conftest import GIVES_UP_S, ROOT, sasl_env
 
 
 def run_producer(python, env, *args, timeout=300):
@@ -65,7 +65,7 @@ def test_missing_input_and_unreachable_broker_are_one_line_errors(python, env, t
     data.write_text("hello\n")
     started = time.monotonic()
     away = run_producer(python, dict(env, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1"), "--input", str(data), timeout=60)
-    assert away.returncode != 0 and time.monotonic() - started < 30
+    assert away.returncode != 0 and time.monotonic() - started < GIVES_UP_S
     assert away.stderr.strip().splitlines()[-1].startswith("error: cannot reach Kafka")
     assert "Traceback" not in away.stderr
 
@@ -79,7 +79,7 @@ def test_sasl_scram_right_and_wrong_credentials(python, env, topics, tmp_path):
     started = time.monotonic()
     wrong = "not-the-password-xyz"
     bad = run_producer(python, sasl_env(env, wrong), "--topic", topics.input, "--input", str(data), timeout=60)
-    assert bad.returncode != 0 and time.monotonic() - started < 30
+    assert bad.returncode != 0 and time.monotonic() - started < GIVES_UP_S
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "credentials" in last
     assert wrong not in bad.stderr + bad.stdout and "Traceback" not in bad.stderr

@@ -15,7 +15,7 @@ from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 from kafka.errors import KafkaTimeoutError
 
 from ops.harness import WorkerProcess, free_port, publish, read
-from tests.conftest import CLIENTS, CLIENTS_LONG, ROOT
+from tests.conftest import CLIENTS, CLIENTS_LONG, GIVES_UP_S, ROOT
 
 
 def start(artifact, topics, env, *args, **kwargs) -> WorkerProcess:
@@ -244,7 +244,7 @@ def run_worker(env, *args, timeout=60):
 
 
 def one_line_error(result, started, contains):
-    assert result.returncode != 0 and time.monotonic() - started < 30
+    assert result.returncode != 0 and time.monotonic() - started < GIVES_UP_S
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and contains in last, result.stderr[-1500:]
     assert "Traceback" not in result.stderr
