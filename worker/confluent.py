@@ -149,11 +149,13 @@ class ConfluentConsumer:
             return Record(TP(message.topic(), message.partition()), message.offset(), None, None, [], -1, detail)
         tp = TP(message.topic(), message.partition())
         try:
-            headers = list(message.headers() or ())
-        except (SystemError, UnicodeDecodeError) as bad:  # a header name that is not UTF-8
-            detail = f"the Kafka client cannot read this record's headers ({type(bad).__name__})"
+            return Record(tp, message.offset(), message.key(), message.value(), list(message.headers() or ()),
+                          message.timestamp()[1])
+        except (SystemError, UnicodeDecodeError):
+            # a header name that is not UTF-8: confluent-kafka leaves a UnicodeDecodeError pending, which
+            # surfaces at headers() or at the next call (seen: at Record(...)) as a SystemError
+            detail = "the Kafka client cannot read this record (a header name that is not UTF-8)"
             return Record(tp, message.offset(), message.key(), message.value(), [], message.timestamp()[1], detail)
-        return Record(tp, message.offset(), message.key(), message.value(), headers, message.timestamp()[1])
 
     def pause_all(self, paused: bool) -> None:
         assigned = self._consumer.assignment()

@@ -4,6 +4,7 @@ delivery guarantees under SIGKILL, consumer-group sharing, graceful stop and use
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -112,6 +113,31 @@ def test_lone_record_on_idle_topic_comes_out_within_two_seconds(tiny_artifact, t
     body = json.loads(result.value)
     assert body["id"] == "lone"
     assert body["classified_at"] - sent < 2.0, f"took {body['classified_at'] - sent:.3f}s"
+
+
+KAFKA_PYTHON_STALLS = pytest.mark.xfail(strict=True, reason="kafka-python adapter: the record never becomes a "
+                                        "dead letter (nothing logged)")
+
+
+@pytest.mark.parametrize("kafka_client", [pytest.param("kafka-python", marks=[pytest.mark.long, KAFKA_PYTHON_STALLS]),
+                                          "confluent"])
+def test_a_record_the_client_cannot_read_is_dead_lettered(tiny_artifact, topics, env, kafka_settings, tmp_path):
+    """A header name that is not UTF-8 (written with kcat) is a record neither client can decode: it becomes
+    an `internal_error` dead letter with its offset, and the records around it are classified."""
+    if not shutil.which("kcat"):
+        pytest.skip("needs kcat (make tools)")
+    topics.create()
+    vals, keys, ids = reviews(40)
+    publish(kafka_settings, topics.input, vals[:20], keys[:20])
+    subprocess.run(["kcat", "-b", kafka_settings.bootstrap_servers, "-P", "-t", topics.input, "-H", b"\xff\xfe=v"],
+                   input=b'{"id": "bad-header", "text": "a fine film"}', check=True, timeout=30)
+    publish(kafka_settings, topics.input, vals[20:], keys[20:])
+    with start(tiny_artifact, topics, env, log=tmp_path / "w.log") as worker:
+        results = read(kafka_settings, topics.output, 40, timeout=90, settle=1)
+        [dead] = bodies(read(kafka_settings, topics.dlq, 1, timeout=30, settle=1))
+        assert worker.alive(), worker.tail()
+    assert sorted(b["id"] for b in bodies(results)) == sorted(ids)
+    assert dead["error"] == "internal_error" and dead["source"]["offset"] == 20, dead
 
 
 def kill_loop(artifact, topics, env, settings, tmp_path, *extra):
