@@ -115,12 +115,7 @@ def test_lone_record_on_idle_topic_comes_out_within_two_seconds(tiny_artifact, t
     assert body["classified_at"] - sent < 2.0, f"took {body['classified_at'] - sent:.3f}s"
 
 
-KAFKA_PYTHON_STALLS = pytest.mark.xfail(strict=True, reason="kafka-python adapter: the record never becomes a "
-                                        "dead letter (nothing logged)")
-
-
-@pytest.mark.parametrize("kafka_client", [pytest.param("kafka-python", marks=[pytest.mark.long, KAFKA_PYTHON_STALLS]),
-                                          "confluent"])
+@pytest.mark.parametrize("kafka_client", [pytest.param("kafka-python", marks=pytest.mark.long), "confluent"])
 def test_a_record_the_client_cannot_read_is_dead_lettered(tiny_artifact, topics, env, kafka_settings, tmp_path):
     """A header name that is not UTF-8 (written with kcat) is a record neither client can decode: it becomes
     an `internal_error` dead letter with its offset, and the records around it are classified."""
