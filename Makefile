@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 WITH_BROKER := ops/kafka/with-broker
 export SST2_DIR ?= $(if $(wildcard ../shared/data/sst2/dev.tsv),$(abspath ../shared/data/sst2),)
 
-.PHONY: setup tools test test-long soak stack-test lint demo bench gpu-bundle broker-start broker-stop clean
+.PHONY: setup tools test test-long soak stack-test lint demo bench profile gpu-bundle broker-start broker-stop clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,9 @@ demo: setup
 
 bench: setup
 	$(WITH_BROKER) $(PY) -m ops.bench $(BENCH_ARGS)
+
+profile: setup  ## the pipeline benchmark with each worker sampled by py-spy (top functions printed)
+	$(WITH_BROKER) $(PY) -m ops.bench.pipeline --profile $(PROFILE_ARGS)
 
 broker-start:
 	ops/kafka/local-broker start

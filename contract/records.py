@@ -11,7 +11,7 @@ import json
 import math
 import re
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -46,6 +46,9 @@ class Source:
     def default_id(self) -> str:
         return f"{self.topic}:{self.partition}:{self.offset}"
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
+
 
 @dataclass(frozen=True)
 class Review:
@@ -79,6 +82,9 @@ def _finite_float(text: str) -> float:
     return number
 
 
+# built once: json.loads/dumps with options build a new decoder/encoder on every call
+_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_RESULT_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 _LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
@@ -123,7 +129,7 @@ def decode_review(value: bytes | None, source: Source, max_bytes: int = DEFAULT_
             return Rejection(DeadLetterCode.EMPTY_TEXT, "value is blank")
         return Review(id=source.default_id(), text=decoded.strip(), meta=None)
     try:
-        obj = json.loads(decoded, parse_constant=_reject_constant, parse_float=_finite_float)
+        obj = _STRICT_JSON.decode(decoded)
     except _NotStrict as err:
         return Rejection(DeadLetterCode.INVALID_JSON, str(err))
     except (ValueError, RecursionError) as err:
@@ -178,12 +184,12 @@ def encode_result(
         "label": label_of(score),
         "score": round(float(score), 6),
         "model": model,
-        "source": asdict(source),
+        "source": source.as_dict(),
         "classified_at": round(classified_at, 3),
     }
     if review.meta:
         body["meta"] = review.meta
-    return json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return _RESULT_JSON.encode(body).encode("utf-8")
 
 
 def encode_dead_letter(rejection: Rejection, value: bytes | None, source: Source,
@@ -194,7 +200,7 @@ def encode_dead_letter(rejection: Rejection, value: bytes | None, source: Source
     body = {
         "error": rejection.code.value,
         "detail": rejection.detail.encode("utf-8", "replace").decode("utf-8")[:1000],
-        "source": asdict(source),
+        "source": source.as_dict(),
         "value_b64": base64.b64encode(kept).decode("ascii"),
         "value_size": len(raw),
     }

@@ -34,6 +34,20 @@ def test_tokenize_adds_specials_and_truncates_at_the_limit(encoder):
     assert tokens.lengths[1] == encoder.max_length == 128 and tokens.ids[1][-1] == sep_id
 
 
+def test_tokenizing_through_the_rust_core_gives_what_transformers_gives(encoder):
+    """The worker calls the fast tokenizer's core directly (speed); ids and truncation must not change."""
+    texts = ["great film", "word " * 500, "caf\u00e9 \U0001F600 d\u00e9j\u00e0 vu", "x" * 3000, "  spaced  out  ",
+             *labeled_sentences(40)[0]]
+    direct = encoder.tokenize(texts)
+    core, encoder._core = encoder._core, None
+    try:
+        through_transformers = encoder.tokenize(texts)
+    finally:
+        encoder._core = core
+    assert core is not None
+    assert direct.ids == through_transformers.ids and direct.truncated == through_transformers.truncated
+
+
 def test_cls_features_are_position_zero_and_padding_does_not_change_them(encoder):
     short, long = encoder.tokenize(["fine", "a much longer and slower review of a film"]).ids
     alone = encoder.features([short])

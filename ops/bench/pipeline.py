@@ -6,7 +6,11 @@ On one backlog (SST-2 sentences, 4 partitions), in one run on one machine:
   a GPU) and GPU caps, once per `--kafka-client`;
 - tokenizing alone and the tiny model's forward alone (length-sorted batches), the worker's budget.
 
-    python -m ops.bench.pipeline [--records 40000] [--out ops/bench/out/pipeline.json]
+    python -m ops.bench.pipeline [--records 40000] [--out ops/bench/out/pipeline.json] [--profile]
+
+`--profile` samples each worker with py-spy while it works (`make profile`): collapsed stacks per client in
+ops/bench/out/profile-worker-*.txt and the main thread's top functions printed (share of its samples,
+inclusive and own).
 
 Prints a table and writes the figures as JSON. Needs a broker (KAFKA_BOOTSTRAP_SERVERS; `make bench`
 starts the local one) and the `fast` extra for the confluent rows.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -126,12 +131,13 @@ def confluent_loop(settings: KafkaSettings, topics: Topics, count: int) -> float
 # -- the worker, tiny model ----------------------------------------------------------------------------
 
 
-def worker_rate(artifact: Path, topics: Topics, client: str, count: int, timeout: float) -> dict:
+def worker_rate(artifact: Path, topics: Topics, client: str, count: int, timeout: float, profile: bool) -> dict:
     """Records/s from ready (model loaded, group joined) until the counters show every record delivered."""
     env = dict(os.environ, SENTIMENT_KAFKA_CLIENT=client)
     with WorkerProcess(artifact, topics, "--device", "cpu", "--dtype", "fp32", *GPU_CAPS, env=env,
                        metrics_port=free_port(), log=OUT / f"pipeline-worker-{client}.log") as worker:
         worker.wait_ready()
+        spy = Profile(worker.proc.pid, OUT / f"profile-worker-{client}") if profile else None
         started = time.perf_counter()
         deadline = time.monotonic() + timeout
         done = 0.0
@@ -141,10 +147,43 @@ def worker_rate(artifact: Path, topics: Topics, client: str, count: int, timeout
                     + worker.metric("sentiment_worker_messages_dead_lettered_total"))
         elapsed = time.perf_counter() - started
         padding = worker.metric("sentiment_worker_padding_efficiency")
+        top = spy.stop() if spy else None
         worker.terminate()
     if done < count:
         raise RuntimeError(f"the {client} worker delivered {done:.0f} of {count} in {timeout:.0f} s")
-    return {"per_second": round(count / elapsed, 1), "padding_efficiency": round(padding, 3)}
+    return {"per_second": round(count / elapsed, 1), "padding_efficiency": round(padding, 3)} | (
+        {"profile_top": top} if top else {})
+
+
+class Profile:
+    """py-spy recording a process until `stop`, as collapsed stacks (speedscope.app or flamegraph.pl draw them)."""
+
+    def __init__(self, pid: int, stem: Path) -> None:
+        self.raw = stem.with_suffix(".txt")
+        spy = Path(sys.executable).with_name("py-spy")
+        self.proc = subprocess.Popen([str(spy), "record", "--pid", str(pid), "--format", "raw", "--threads",
+                                      "--nolineno", "--rate", "200", "-o", str(self.raw)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self, rows: int = 15) -> list[tuple[str, float, float]]:
+        """The main thread's top functions: (function, inclusive share, own share) of its samples."""
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=60)
+        inclusive: dict[str, int] = {}
+        own: dict[str, int] = {}
+        total = 0
+        for line in self.raw.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            frames = stack.split(";")
+            if "MainThread" not in frames[0]:
+                continue
+            total += int(count)
+            for frame in set(frames[1:]):
+                inclusive[frame] = inclusive.get(frame, 0) + int(count)
+            own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+        top = sorted(inclusive, key=inclusive.get, reverse=True)[:rows]
+        return [(name, round(inclusive[name] / max(1, total), 3), round(own.get(name, 0) / max(1, total), 3))
+                for name in top]
 
 
 # -- tokenizing and forward alone ----------------------------------------------------------------------
@@ -153,24 +192,21 @@ def worker_rate(artifact: Path, topics: Topics, client: str, count: int, timeout
 def budget(artifact: Path, texts: list[str]) -> dict:
     import torch
 
-    from models.artifact import load_artifact
-    from models.encoder import Encoder
-    from models.head import TorchHead
+    from models.classifier import Classifier
     from ops.bench.ceiling import measure
 
-    loaded = load_artifact(artifact)
-    encoder = Encoder.load(loaded.manifest.encoder, "cpu", "fp32")
+    classifier = Classifier.load(artifact, "cpu", "fp32")
     sample = texts[:10_000]
     started = time.perf_counter()
     for i in range(0, len(sample), 256):
-        encoder.tokenize(sample[i:i + 256])
+        classifier.encoder.tokenize(sample[i:i + 256])
     tokenize = len(sample) / (time.perf_counter() - started)
     with torch.inference_mode():
-        forward = measure(encoder, TorchHead(loaded.estimator, encoder.device), sample, 256, 65536).per_second
+        forward = measure(classifier, sample, 256, 65536).per_second
     return {"tokenize_per_second": round(tokenize, 1), "forward_per_second": round(forward, 1)}
 
 
-def run(settings: KafkaSettings, count: int, partitions: int, clients: tuple[str, ...]) -> dict:
+def run(settings: KafkaSettings, count: int, partitions: int, clients: tuple[str, ...], profile: bool = False) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     texts = sentences(count)
     artifact = tiny_artifact(texts)
@@ -196,7 +232,7 @@ def run(settings: KafkaSettings, count: int, partitions: int, clients: tuple[str
     for client in clients:
         say(f"worker, tiny model, {client}")
         topics = topics_for(f"worker-{client}")
-        results["worker"][client] = worker_rate(artifact, topics, client, count, timeout=count / 100 + 120)
+        results["worker"][client] = worker_rate(artifact, topics, client, count, count / 100 + 120, profile)
         topics.delete()
     say("tokenizing and the tiny forward alone")
     results["budget"] = budget(artifact, texts)
@@ -223,6 +259,10 @@ def table(results: dict) -> str:
                      f"{worker['confluent']['per_second'] / worker['kafka-python']['per_second']:.2f} (target >= 1.5)"
                      f"; / slower of tokenizing and forward = {worker['confluent']['per_second'] / slower:.2f} "
                      "(or >= 0.8)")
+    for client, figures in worker.items():
+        if figures.get("profile_top"):
+            lines.append(f"\nworker main thread, --kafka-client {client}: share of samples (inclusive, own)")
+            lines += [f"  {inc:6.1%} {own:6.1%}  {name}" for name, inc, own in figures["profile_top"]]
     return "\n".join(lines)
 
 
@@ -233,8 +273,10 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--clients", default=",".join(CLIENTS))
     parser.add_argument("--out", type=Path, default=OUT / "pipeline.json")
+    parser.add_argument("--profile", action="store_true", help="sample each worker with py-spy")
     args = parser.parse_args()
-    results = run(KafkaSettings.from_env(), args.records, args.partitions, tuple(args.clients.split(",")))
+    results = run(KafkaSettings.from_env(), args.records, args.partitions, tuple(args.clients.split(",")),
+                  args.profile)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
