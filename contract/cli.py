@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from importlib import metadata
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 from contract.logs import error_line
 
@@ -86,10 +86,16 @@ def option(default: Any = None, help: str = "", choices: Sequence[str] = (), req
 
 
 def options_of(config_class: type) -> tuple[Option, ...]:
-    """The options a dataclass defines with `option()` or `Option.field()`, named and typed after its fields."""
+    """The options a dataclass defines with `option()` or `Option.field()`, named and typed after its fields
+    (`int | None`: an int option whose default, None, is decided later)."""
     hints = get_type_hints(config_class)
-    return tuple(replace(f.metadata["option"], name=f.name, type=hints[f.name])
+    return tuple(replace(f.metadata["option"], name=f.name, type=_not_none(hints[f.name]))
                  for f in fields(config_class) if "option" in f.metadata)
+
+
+def _not_none(hint: Any) -> Any:
+    kinds = [kind for kind in get_args(hint) if kind is not type(None)]
+    return kinds[0] if len(kinds) == 1 else hint
 
 
 class Parser(argparse.ArgumentParser):

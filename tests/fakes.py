@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 from kafka import TopicPartition
 
+from models.classifier import BATCH_CAPS
 from models.encoder import Tokens
 from worker import delivery as delivery_module
 from worker.clients import TP, Refusal
@@ -276,7 +277,8 @@ class Harness:
         self.producers: list[FakeProducer] = []
         self.guarantee = guarantee
         self.config = WorkerConfig(model="fake", input_topic=IN, output_topic=OUT, dlq_topic=DLQ,
-                                   guarantee=guarantee, max_wait_ms=0, commit_interval_ms=0, **overrides)
+                                   guarantee=guarantee, max_wait_ms=0, commit_interval_ms=0,
+                                   **overrides).with_batch_caps(*BATCH_CAPS["cpu"])
         self.inference = InferenceStage(forward, [101, 102], self.config.max_device_failures)
         consumer = KafkaPythonConsumer(self.kafka)
 

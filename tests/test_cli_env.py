@@ -12,6 +12,7 @@ import pytest
 
 from contract.cli import DTYPE, UserError, options_table
 from contract.kafka import KafkaSettings
+from models.classifier import BATCH_CAPS
 from producer.__main__ import parser as producer_parser
 from tests.conftest import ROOT
 from worker.config import OPTIONS, WorkerConfig, parse_args
@@ -29,6 +30,19 @@ def test_env_sets_flags_and_flags_win(monkeypatch):
         "models/artifacts/x", 16, "exactly-once", 5)
     assert config.static_membership and config.transactional_id == "sentiment-workers.pod-0"
     assert parse_args(["--max-batch-size", "8"]).max_batch_size == 8
+
+
+def test_batch_caps_left_unset_take_the_devices_defaults():
+    """64 / 8192 on a CPU, 256 / 32768 on CUDA (the model's device decides); a cap given keeps its value."""
+    unset = parse_args(["--model", "m"])
+    assert (unset.max_batch_size, unset.max_batch_tokens) == (None, None)
+    cuda = unset.with_batch_caps(*BATCH_CAPS["cuda"])
+    assert (cuda.max_batch_size, cuda.max_batch_tokens) == (256, 32768)
+    assert unset.with_batch_caps(*BATCH_CAPS["cpu"]).max_batch_tokens == 8192
+    given = parse_args(["--model", "m", "--max-batch-size", "32"]).with_batch_caps(*BATCH_CAPS["cuda"])
+    assert (given.max_batch_size, given.max_batch_tokens) == (32, 32768)
+    with pytest.raises(UserError, match="--max-in-flight must be at least --max-batch-size"):
+        parse_args(["--model", "m", "--max-in-flight", "100"]).with_batch_caps(*BATCH_CAPS["cuda"])
 
 
 def test_log_level_and_choices_are_case_insensitive(monkeypatch):

@@ -125,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise explain_connection_error(settings, err) from None
     classifier = Classifier.load(artifact, config.device, config.dtype, config.quantize)  # pinned, pooled as recorded
     encoder = classifier.encoder
+    config = config.with_batch_caps(classifier.max_rows, classifier.max_tokens)
     if config.max_batch_tokens < encoder.max_length:
         raise UserError(f"--max-batch-tokens {config.max_batch_tokens} is below the model's limit of "
                         f"{encoder.max_length} tokens per review")

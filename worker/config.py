@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from contract.cli import DEVICE, DTYPE, QUANTIZE, Option, Parser, UserError, option, options_of
 from contract.records import DEFAULT_MAX_RECORD_BYTES, DLQ_TOPIC, INPUT_TOPIC, OUTPUT_TOPIC
@@ -27,8 +27,10 @@ class WorkerConfig:
     device: str = DEVICE.field()
     dtype: str = DTYPE.field()
     quantize: str = QUANTIZE.field()
-    max_batch_size: int = option(64, "a batch closes at this many records")
-    max_batch_tokens: int = option(8192, "a batch closes at this many padded tokens (rows x longest row)")
+    max_batch_size: int | None = option(help="a batch closes at this many records (default: 64 on a CPU, 256 on "
+                                             "CUDA)")
+    max_batch_tokens: int | None = option(help="a batch closes at this many padded tokens, rows x longest row "
+                                               "(default: 8192 on a CPU, 32768 on CUDA)")
     max_wait_ms: int = option(25, "a batch closes this long after its first record arrived")
     max_record_bytes: int = option(DEFAULT_MAX_RECORD_BYTES, "larger values are dead letters (too_large)")
     max_in_flight: int = option(2048, "records held between poll and commit, at most")
@@ -54,9 +56,9 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_record_bytes", "max_in_flight", "max_in_flight_bytes"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_in_flight < self.max_batch_size:
+        if self.max_in_flight < (self.max_batch_size or 0):
             raise UserError("--max-in-flight must be at least --max-batch-size")
         if self.max_device_failures < 1:
             raise UserError("--max-device-failures must be at least 1")
@@ -64,6 +66,11 @@ class WorkerConfig:
             raise UserError("--static-membership needs a stable --instance-id (a pod name)")
         if self.max_wait_ms < 0 or self.commit_interval_ms < 0:
             raise UserError("--max-wait-ms and --commit-interval-ms cannot be negative")
+
+    def with_batch_caps(self, rows: int, tokens: int) -> WorkerConfig:
+        """Caps left unset take the device's defaults (the model decides them: `Classifier.max_rows/max_tokens`)."""
+        return replace(self, max_batch_size=self.max_batch_size or rows,
+                       max_batch_tokens=self.max_batch_tokens or tokens)
 
     @property
     def instance(self) -> str:

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 PREFIX = "sentiment_worker_"
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+# a batch of the tiny or a GPU model takes about a millisecond: buckets start well below
+INFERENCE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 WINDOW_S = 10.0
 REFUSING_S = 60.0  # /readyz turns 503 after the output refused writes this long
@@ -54,7 +56,7 @@ class WorkerMetrics:
         self.batch_tokens = Histogram(PREFIX + "batch_tokens", "Padded tokens per batch (rows x longest row)",
                                       buckets=TOKEN_BUCKETS, registry=r)
         self.inference = Histogram(PREFIX + "inference_seconds", "Encoder + head time per batch",
-                                   buckets=SECONDS_BUCKETS, registry=r)
+                                   buckets=INFERENCE_BUCKETS, registry=r)
         self.latency = Histogram(PREFIX + "end_to_end_latency_seconds",
                                  "Input record timestamp to result acknowledged", buckets=SECONDS_BUCKETS, registry=r)
         self.throughput = Gauge(PREFIX + "throughput_messages_per_second",
