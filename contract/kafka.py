@@ -171,7 +171,9 @@ class KafkaSettings:
     def librdkafka_config(self, client_id: str) -> dict[str, str]:
         """Configuration for the confluent client: the properties file as it is (sasl.jaas.config turned into
         sasl.username/sasl.password, which librdkafka reads instead), with the KAFKA_* variables applied."""
-        config = {k: v for k, v in self.properties.items() if k not in ("sasl.jaas.config", "sasl.mechanism")}
+        config = {"socket.connection.setup.timeout.ms": str(CONNECT_TIMEOUT_MS),
+                  "reconnect.backoff.max.ms": str(self.reconnect_backoff_max_ms)}
+        config.update((k, v) for k, v in self.properties.items() if k not in ("sasl.jaas.config", "sasl.mechanism"))
         config["client.id"] = client_id
         for attr, key in LIBRDKAFKA.items():
             value = getattr(self, attr)

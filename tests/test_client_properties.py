@@ -79,7 +79,8 @@ def test_the_confluent_client_gets_the_file_as_it_is(tmp_path):
     assert settings.librdkafka_config("role") == {
         "bootstrap.servers": "env:1", "security.protocol": "SASL_SSL", "sasl.mechanisms": "PLAIN",
         "sasl.username": "svc", "sasl.password": 'pa ss=w0rd', "enable.idempotence": "true",
-        "queue.buffering.max.ms": "5", "ssl.endpoint.identification.algorithm": "none", "client.id": "role"}
+        "queue.buffering.max.ms": "5", "ssl.endpoint.identification.algorithm": "none", "client.id": "role",
+        "socket.connection.setup.timeout.ms": "20000", "reconnect.backoff.max.ms": "2000"}
     assert settings.ssl_check_hostname is False
 
 

@@ -15,10 +15,10 @@ pytest.importorskip("confluent_kafka", reason="the `fast` extra (confluent-kafka
 from confluent_kafka import KafkaError, KafkaException, TopicPartition  # noqa: E402
 
 from contract.cli import UserError  # noqa: E402
-from contract.kafka import KafkaSettings  # noqa: E402
+from contract.kafka import CONNECT_TIMEOUT_MS, KafkaSettings  # noqa: E402
 from tests.fakes import IN, Broker, Harness  # noqa: E402
 from worker.clients import TP, Refusal  # noqa: E402
-from worker.confluent import ConfluentConsumer, ConfluentProducer, librdkafka_settings  # noqa: E402
+from worker.confluent import ConfluentConsumer, ConfluentProducer  # noqa: E402
 
 GUARANTEES = ["at-least-once", "exactly-once"]
 
@@ -271,12 +271,13 @@ def test_position_pause_and_seek_to_committed():
 
 
 def test_settings_become_librdkafka_keys():
-    plain = librdkafka_settings(KafkaSettings(bootstrap_servers="a:1,b:2"), "me")
+    plain = KafkaSettings(bootstrap_servers="a:1,b:2").librdkafka_config("me")
     assert plain["bootstrap.servers"] == "a:1,b:2" and plain["client.id"] == "me"
-    assert plain["security.protocol"] == "plaintext" and "sasl.username" not in plain
-    sasl = librdkafka_settings(KafkaSettings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512",
-                                             sasl_username="u", sasl_password="p"), "me")
-    assert (sasl["sasl.mechanism"], sasl["sasl.username"], sasl["sasl.password"]) == ("SCRAM-SHA-512", "u", "p")
+    assert plain["security.protocol"] == "PLAINTEXT" and "sasl.username" not in plain
+    assert plain["socket.connection.setup.timeout.ms"] == str(CONNECT_TIMEOUT_MS)
+    sasl = KafkaSettings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512", sasl_username="u",
+                         sasl_password="p").librdkafka_config("me")
+    assert (sasl["sasl.mechanisms"], sasl["sasl.username"], sasl["sasl.password"]) == ("SCRAM-SHA-512", "u", "p")
 
 
 # -- the producer without a broker ---------------------------------------------------------------------

@@ -203,6 +203,7 @@ def test_compose_gives_each_gpu_worker_its_own_gpu():
         assert device["driver"] == "nvidia" and "count" not in device and device["capabilities"] == ["gpu"]
         gpus += device["device_ids"]
         assert service["environment"]["SENTIMENT_DEVICE"] == "cuda"
+        assert service["environment"]["SENTIMENT_KAFKA_CLIENT"] == "confluent"  # GPU speed needs librdkafka
     assert gpus == ["0", "1", "2", "3"]
     assert "deploy" not in services["worker-cpu"] and services["worker-cpu"]["environment"]["SENTIMENT_DEVICE"] == "cpu"
 
@@ -298,6 +299,7 @@ def test_kubernetes_worker_probes_volumes_and_identity():
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120  # a model load may take minutes
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
     assert pod["terminationGracePeriodSeconds"] >= 30
+    assert {"name": "SENTIMENT_KAFKA_CLIENT", "value": "confluent"} in container["env"]  # a GPU pod: librdkafka
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert set(mounts.values()) <= set(volumes)

@@ -109,7 +109,7 @@ def connect_client(config: WorkerConfig, settings: KafkaSettings, limits: TopicL
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     setup_logging(config.log_level, config.log_format, config.instance)
-    settings = KafkaSettings.from_env()
+    settings = KafkaSettings.from_env(client=config.kafka_client)
     if config.check:
         return check(config, settings)
     artifact = load_artifact(config.model)

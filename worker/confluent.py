@@ -23,7 +23,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from contract.cli import UserError
-from contract.kafka import CONNECT_TIMEOUT_MS, KafkaSettings, explain_connection_error
+from contract.kafka import KafkaSettings, explain_connection_error
 from worker.clients import TP, Polled, Record, Refusal
 from worker.config import WorkerConfig
 
@@ -41,25 +41,6 @@ TRANSACTION_TIMEOUT_MS = 10_000
 REQUEST_TIMEOUT_MS = 10_000  # as the kafka-python producer: a broker restart costs seconds, not a minute
 DELIVERY_TIMEOUT_MS = 20_000
 BATCH_BYTES = 1_000_000  # librdkafka's default, kept below the output topics' max.message.bytes
-
-
-def librdkafka_settings(settings: KafkaSettings, client_id: str) -> dict[str, Any]:
-    """`KafkaSettings` as librdkafka keys. (To move into contract/kafka.py, the one settings builder.)"""
-    config: dict[str, Any] = {
-        "bootstrap.servers": settings.bootstrap_servers,
-        "client.id": client_id,
-        "security.protocol": settings.security_protocol.lower(),
-        "socket.connection.setup.timeout.ms": CONNECT_TIMEOUT_MS,
-        "reconnect.backoff.max.ms": 2_000,
-    }
-    if settings.security_protocol.startswith("SASL"):
-        config.update({"sasl.mechanism": settings.sasl_mechanism or "PLAIN", "sasl.username": settings.sasl_username,
-                       "sasl.password": settings.sasl_password})
-    if settings.security_protocol.endswith("SSL"):
-        paths = {"ssl.ca.location": settings.ssl_cafile, "ssl.certificate.location": settings.ssl_certfile,
-                 "ssl.key.location": settings.ssl_keyfile}
-        config.update({k: v for k, v in paths.items() if v})
-    return config
 
 
 def _error(err: KafkaError) -> KafkaException:
@@ -85,7 +66,7 @@ class ConfluentConsumer:
     def connect(cls, settings: KafkaSettings, client_id: str, group: str, max_wait_ms: int,
                 max_record_bytes: int, session_timeout_ms: int, instance_id: str | None) -> ConfluentConsumer:
         config = {
-            **librdkafka_settings(settings, client_id), "group.id": group, "enable.auto.commit": False,
+            **settings.librdkafka_config(client_id), "group.id": group, "enable.auto.commit": False,
             "auto.offset.reset": "earliest", "isolation.level": "read_committed", "fetch.min.bytes": 1,
             "fetch.wait.max.ms": max(1, max_wait_ms), "max.partition.fetch.bytes": 2 * max_record_bytes,
             "queued.max.messages.kbytes": max(16_384, 4 * max_record_bytes // 1024),  # bounds prefetched memory
@@ -279,7 +260,7 @@ def connect(config: WorkerConfig, settings: KafkaSettings, max_message_bytes: Ca
     """The consumer and a producer factory, as `worker.__main__.connect` for kafka-python; a missing topic
     or an unreachable broker ends here in one line."""
     client_id = f"sentiment-worker-{config.group}"
-    base = librdkafka_settings(settings, client_id)
+    base = settings.librdkafka_config(client_id)
     exactly_once = config.guarantee == "exactly-once"
 
     def make_producer() -> ConfluentProducer:

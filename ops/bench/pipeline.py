@@ -104,9 +104,7 @@ def kafka_python_loop(settings: KafkaSettings, topics: Topics, count: int) -> fl
 def confluent_loop(settings: KafkaSettings, topics: Topics, count: int) -> float:
     from confluent_kafka import Consumer, Producer
 
-    from worker.confluent import librdkafka_settings
-
-    base = librdkafka_settings(settings, "bench-loop")
+    base = settings.librdkafka_config("bench-loop")
     consumer = Consumer({**base, "group.id": topics.group, "auto.offset.reset": "earliest",
                          "enable.auto.commit": False, "isolation.level": "read_committed"})
     producer = Producer({**base, "acks": "all", "linger.ms": 2, "enable.idempotence": True})
