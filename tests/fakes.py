@@ -320,15 +320,22 @@ class Harness:
             self.broker.append(IN, partition, b"k", value.encode())
 
     def step(self, times: int = 1, answer: bool = True) -> None:
-        """Run the loop; the device finishes what it was given before the next step; then check."""
+        """Run the loop; the tokenizer and the device finish what they were given before the next step; then
+        check."""
         for _ in range(times):
             self.now += 1.0
             self.worker.step()
+            self.tokens()
             while self.inference.busy:
                 self.worker._take_scores(self.inference.collect(timeout=5))
             if answer:
                 self.producer.answer()
             self.check()
+
+    def tokens(self) -> None:
+        """The tokenizer finishes what it was given (its thread), as a step would find it next time."""
+        while self.worker.tokenizing.busy:
+            self.worker._pool(self.worker.tokenizing.collect(timeout=5))
 
     def run_until_idle(self, limit: int = 200) -> None:
         for _ in range(limit):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from contract.cli import UserError
-from tests.fakes import DLQ, OUT, Fenced, Harness, Retriable, TooLarge, fake_forward
+from tests.fakes import DLQ, OUT, Fenced, Harness, Retriable, TooLarge, fake_forward, fake_tokenize
 from worker.clients import TP
 
 GUARANTEES = ["at-least-once", "exactly-once"]
@@ -88,6 +88,7 @@ def test_a_batch_on_the_device_across_revoke_and_reassign_is_dropped(guarantee):
     h.publish(0, 40)
     for _ in range(5):  # join, poll, and the first batch goes to the device and waits there
         h.worker.step()
+        h.tokens()
         if h.inference.busy:
             break
     assert h.inference.busy
@@ -101,6 +102,34 @@ def test_a_batch_on_the_device_across_revoke_and_reassign_is_dropped(guarantee):
         counts[item["offset"]] = counts.get(item["offset"], 0) + 1
     if guarantee == "exactly-once":
         assert set(counts.values()) == {1}
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_a_poll_in_the_tokenizer_across_revoke_and_reassign_is_dropped(guarantee):
+    """The tokenizer's thread still holds a poll when its partition is revoked and assigned again (re-fetched
+    from the committed offset): the old poll's tokens join nothing, each record is published once."""
+    gate = threading.Event()
+
+    def slow_tokenize(texts):
+        gate.wait(5)
+        return fake_tokenize(texts)
+
+    h = Harness(guarantee, tokenize=slow_tokenize, max_batch_size=16, max_in_flight=64)
+    h.publish(0, 40)
+    for _ in range(5):  # join and poll: the poll waits in the tokenizer
+        h.worker.step()
+        if h.worker.tokenizing.busy:
+            break
+    assert h.worker.tokenizing.busy
+    h.kafka.rebalance({0, 1})
+    h.worker.step()  # revoke and re-assign while the tokenizer holds the poll
+    gate.set()
+    h.run_until_idle()
+    everything_classified(h)
+    offsets = [item["offset"] for item in h.broker.published() if item["partition"] == 0]
+    assert sorted(set(offsets)) == list(range(40))
+    if guarantee == "exactly-once":
+        assert len(offsets) == 40
 
 
 @pytest.mark.parametrize("guarantee", GUARANTEES)

@@ -1,8 +1,9 @@
-"""The worker's main loop. One thread owns the consumer and all bookkeeping; the device runs in
-`InferenceStage`; the producer's own I/O thread delivers. A record's path, top to bottom:
+"""The worker's main loop. One thread owns the consumer and all bookkeeping; tokenizing runs in
+`TokenizingStage`, the device in `InferenceStage`; the producer's own I/O thread delivers. A
+record's path, top to bottom:
 
     poll ─ events: revoked → drop that work (abort the transaction) · assigned → new epoch
-         └ records → decode/validate → tokenize → pool ─▶ next_batch ─▶ device (encoder + head)
+         └ records → decode/validate ─▶ tokenize ─▶ pool ─▶ next_batch ─▶ device (encoder + head)
                 └── dead letters ──┐                                          │
     commit ◀─ answers ◀─ send ◀─ tracker (partition order, epoch) ◀─ result ◀─┘
 
@@ -27,13 +28,13 @@ from contract.records import (
     encode_result,
     label_of,
 )
-from models.encoder import Tokens
 from worker.batcher import BatchCaps, Pending, next_batch, next_deadline, padded_tokens
 from worker.clients import TP, ConsumerClient, Polled, Record
 from worker.config import WorkerConfig
 from worker.delivery import AtLeastOnce, Interrupted
 from worker.inference import InferenceStage, Scored
 from worker.metrics import Health, WorkerMetrics
+from worker.tokenizing import Tokenize, Tokenized, TokenizingStage
 from worker.tracker import OffsetTracker, Outgoing
 
 log = logging.getLogger("worker")
@@ -41,14 +42,13 @@ log = logging.getLogger("worker")
 IDLE_POLL_S = 0.1
 KEEPALIVE_POLL_S = 1.0
 
-Tokenize = Callable[[list[str]], Tokens]
-
 
 class Worker:
     def __init__(self, config: WorkerConfig, tokenize: Tokenize, model_id: str, inference: InferenceStage,
                  metrics: WorkerMetrics, health: Health, consumer: ConsumerClient,
                  make_delivery: Callable[[OffsetTracker, Callable[[Outgoing], None]], AtLeastOnce]) -> None:
-        self.config, self.tokenize, self.model_id = config, tokenize, model_id
+        self.config, self.model_id = config, model_id
+        self.tokenizing = TokenizingStage(tokenize)
         self.inference, self.metrics, self.health, self.consumer = inference, metrics, health, consumer
         self.caps = BatchCaps(config.max_batch_size, config.max_batch_tokens, config.max_wait_ms / 1000)
         self.tracker = OffsetTracker()
@@ -80,6 +80,7 @@ class Worker:
         self.consumer.close()  # a dynamic member leaves the group, so its partitions move at once
         self.delivery.close()
         self.inference.close()
+        self.tokenizing.close()
 
     def step(self) -> None:
         self.health.tick()
@@ -87,6 +88,7 @@ class Worker:
         self.delivery.publish()
         self.delivery.step()
         self.health.refusing_since = self.delivery.refusing_since
+        self._pool(self.tokenizing.collect())
         self._dispatch(force=False)
         if self._room() > 0 or time.monotonic() - self.last_poll > KEEPALIVE_POLL_S:
             self._poll()
@@ -95,9 +97,10 @@ class Worker:
     def drain(self) -> None:
         """Finish everything in hand: run the pool, publish and commit as it goes (transactions stay
         short), then wait until every message is acknowledged and commit. A second signal stops it."""
-        while self.pool or self.inference.busy:
+        while self.pool or self.inference.busy or self.tokenizing.busy:
             if self.interrupted:
                 raise Interrupted
+            self._pool(self.tokenizing.collect(timeout=0.01))
             self._dispatch(force=True)
             self._take_scores(self.inference.collect(timeout=0.1))
             self.delivery.publish()
@@ -134,8 +137,9 @@ class Worker:
             self._accept(polled.records)
 
     def _poll_timeout(self) -> float:
-        """Short while a waiting batch must go as soon as the device frees up, else until its deadline."""
-        if self.pool and self.inference.busy:
+        """Short while a waiting batch must go as soon as the device frees up or tokens are coming, else until
+        the pool's deadline."""
+        if (self.pool and self.inference.busy) or self.tokenizing.busy:
             return 0.005
         deadline = next_deadline(self.pool, self.caps)
         if deadline is None:
@@ -169,10 +173,11 @@ class Worker:
         self.pool = [p for p in self.pool if p.key[0] not in partitions]
 
     def _accept(self, records: list[Record]) -> None:
-        """Decode and tokenize; any record that fails here becomes its dead letter, alone."""
+        """Decode, and hand the valid ones to the tokenizer; any record that fails here becomes its dead
+        letter, alone."""
         self.metrics.consumed.inc(len(records))
         now = time.monotonic()
-        valid: list[tuple[Record, int, Review]] = []
+        valid: list[tuple[Record, int, Review, float]] = []
         for record in records:
             if self.tracker.epoch(record.tp) is None:
                 log.warning("dropped a record of %s, which is not assigned here", record.tp)
@@ -186,28 +191,24 @@ class Worker:
             if isinstance(decoded, Rejection):
                 self._dead_letter(record, epoch, decoded)
             else:
-                valid.append((record, epoch, decoded))
-        for (record, epoch, review), ids, truncated in self._tokenized(valid):
-            self.metrics.truncated.inc(truncated)
-            self.arrivals += 1
-            self.pool.append(Pending((record.tp, record.offset), ids, now, (record, epoch, review), self.arrivals))
+                valid.append((record, epoch, decoded, now))
+        if valid:
+            self.tokenizing.submit(valid, [review.text for _, _, review, _ in valid])
 
-    def _tokenized(self, valid: list[tuple[Record, int, Review]]):
-        """Tokenize the poll in one call; if that fails, one by one, so only the failing record is lost."""
-        if not valid:
-            return []
-        try:
-            tokens = self.tokenize([review.text for _, _, review in valid])
-            return list(zip(valid, tokens.ids, tokens.truncated, strict=True))
-        except Exception:  # noqa: BLE001 - find the record at fault below
-            out = []
-            for item in valid:
-                try:
-                    one = self.tokenize([item[2].text])
-                    out.append((item, one.ids[0], one.truncated[0]))
-                except Exception as err:  # noqa: BLE001
-                    self._dead_letter(item[0], item[1], _internal(err))
-            return out
+    def _pool(self, done: list[Tokenized]) -> None:
+        """Tokenized records join the batcher's pool, in the order they were polled, unless their partition
+        was let go meanwhile; a text the tokenizer failed on is a dead letter."""
+        for tokenized in done:
+            for i, (record, epoch, review, arrived) in enumerate(tokenized.items):
+                if self.tracker.entry(record.tp, epoch, record.offset) is None:
+                    continue
+                if i in tokenized.errors:
+                    self._dead_letter(record, epoch, _internal(tokenized.errors[i]))
+                    continue
+                self.metrics.truncated.inc(tokenized.truncated[i])
+                self.arrivals += 1
+                self.pool.append(Pending((record.tp, record.offset), tokenized.ids[i], arrived, (record, epoch, review),
+                                         self.arrivals))
 
     def _dispatch(self, force: bool) -> None:
         """Keep up to the inference depth queued; `next_batch` decides which batch may go."""
@@ -259,5 +260,5 @@ class Worker:
         self.metrics.delivered()
 
 
-def _internal(err: Exception) -> Rejection:
+def _internal(err: BaseException) -> Rejection:
     return Rejection(DeadLetterCode.INTERNAL_ERROR, f"{type(err).__name__}: {str(err)[:300]}")
