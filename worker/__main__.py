@@ -119,10 +119,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve(metrics, health, config.metrics_host, config.metrics_port)
         except OSError as err:
             raise UserError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {err}") from None
-    try:  # before the model load, so a wrong address or credentials fail without waiting for it
-        limits = TopicLimits(settings, [config.output_topic, config.dlq_topic])
-    except KafkaError as err:
-        raise explain_connection_error(settings, err) from None
     classifier = Classifier.load(artifact, config.device, config.dtype, config.quantize)  # pinned, pooled as recorded
     encoder = classifier.encoder
     config = config.with_batch_caps(classifier.max_rows, classifier.max_tokens)
@@ -133,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     health.model_loaded = True
     log.info("model %s: encoder %s on %s (%s), guarantee %s, Kafka %s", artifact.model_id, encoder.name,
              encoder.device, encoder.dtype_name, config.guarantee, settings.describe())
+    try:
+        limits = TopicLimits(settings, [config.output_topic, config.dlq_topic])
+    except KafkaError as err:
+        raise explain_connection_error(settings, err) from None
     consumer, new_producer, client_errors = connect_client(config, settings, limits)
     lag = LagMonitor(settings, config.group, metrics, health)
     lag.start()

@@ -320,7 +320,7 @@ def test_sasl_worker_and_producer_with_right_and_wrong_credentials(tiny_artifact
     started = time.monotonic()
     refused = subprocess.run([sys.executable, "-m", "worker", "--model", str(tiny_artifact), "--metrics-port", "0",
                               *topics.worker_args()], cwd=ROOT, env=sasl_env(env, wrong), capture_output=True,
-                             text=True, timeout=60)
+                             text=True, timeout=90)
     assert refused.returncode != 0 and time.monotonic() - started < GIVES_UP_S
     assert "credentials" in refused.stderr.strip().splitlines()[-1] and "Traceback" not in refused.stderr
     for text in (log.read_text(), scrape, produced.stderr, produced.stdout):

@@ -64,7 +64,7 @@ def test_missing_input_and_unreachable_broker_are_one_line_errors(python, env, t
     data = tmp_path / "one.txt"
     data.write_text("hello\n")
     started = time.monotonic()
-    away = run_producer(python, dict(env, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1"), "--input", str(data), timeout=60)
+    away = run_producer(python, dict(env, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1"), "--input", str(data), timeout=90)
     assert away.returncode != 0 and time.monotonic() - started < GIVES_UP_S
     assert away.stderr.strip().splitlines()[-1].startswith("error: cannot reach Kafka")
     assert "Traceback" not in away.stderr
@@ -78,7 +78,7 @@ def test_sasl_scram_right_and_wrong_credentials(python, env, topics, tmp_path):
     assert summary(good)["acknowledged"] == 2
     started = time.monotonic()
     wrong = "not-the-password-xyz"
-    bad = run_producer(python, sasl_env(env, wrong), "--topic", topics.input, "--input", str(data), timeout=60)
+    bad = run_producer(python, sasl_env(env, wrong), "--topic", topics.input, "--input", str(data), timeout=90)
     assert bad.returncode != 0 and time.monotonic() - started < GIVES_UP_S
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "credentials" in last

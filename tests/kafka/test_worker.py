@@ -259,7 +259,7 @@ def test_sigterm_drains_commits_and_exits_zero(tiny_artifact, topics, env, kafka
     assert len(rest) == 3000 and {b["id"] for b in rest} == set(ids), "no loss and no duplicates after restart"
 
 
-def run_worker(env, *args, timeout=60):
+def run_worker(env, *args, timeout=90):
     return subprocess.run([sys.executable, "-m", "worker", "--metrics-port", "0", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
