@@ -8,6 +8,8 @@ Integration tests never use this: they run against a real broker.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,6 +83,12 @@ class Broker:
         return out
 
 
+def listen(call) -> None:
+    """Run a rebalance listener's method as kafka-python does: awaited when it is a coroutine."""
+    if inspect.iscoroutine(call):
+        asyncio.run(call)
+
+
 class FakeKafkaConsumer:
     """The subset of kafka-python's KafkaConsumer the adapter uses. Like kafka-python 3.0 it keeps a
     partition's fetch position across an eager rebalance, and `rebalance(..., same_poll=True)` makes the
@@ -95,6 +103,8 @@ class FakeKafkaConsumer:
         self._script: list[tuple[set[int], bool]] = []
         self._pending_assign: set[TopicPartition] | None = None
         self._subscription = SimpleNamespace(position=self._position)
+        self._coordinator = SimpleNamespace(_commit_offsets_sync_async=self._commit_async_coroutine)
+        self.revoke_commits: list[dict[TP, int]] = []  # what the listener committed before a revoke
 
     # the script
     def rebalance(self, partitions: set[int], same_poll: bool = True) -> None:
@@ -118,7 +128,7 @@ class FakeKafkaConsumer:
         if self._script:
             partitions, same_poll = self._script.pop(0)
             new = {TopicPartition(IN, p) for p in partitions}
-            self.listener.on_partitions_revoked(sorted(self._assignment))
+            listen(self.listener.on_partitions_revoked(sorted(self._assignment)))
             if not same_poll:
                 self._assignment = set()
                 self._pending_assign = new
@@ -133,7 +143,7 @@ class FakeKafkaConsumer:
         self._paused &= new
         for tp in new:
             self.positions.setdefault(tp, 0)  # kept across the rebalance, as kafka-python does
-        self.listener.on_partitions_assigned(sorted(new))
+        listen(self.listener.on_partitions_assigned(sorted(new)))
 
     def _fetch(self, max_records: int) -> dict:
         out: dict = {}
@@ -182,6 +192,10 @@ class FakeKafkaConsumer:
         self.commit(offsets)
         if callback:
             callback(offsets, None)
+
+    async def _commit_async_coroutine(self, offsets, timeout_ms=None) -> None:  # the coordinator's, awaited
+        self.revoke_commits.append({TP(tp.topic, tp.partition): om.offset for tp, om in offsets.items()})
+        self.commit(offsets)
 
     def group_metadata(self) -> str:
         return "generation"
@@ -276,9 +290,9 @@ class Harness:
         self.kafka = FakeKafkaConsumer(self.broker, partitions)
         self.producers: list[FakeProducer] = []
         self.guarantee = guarantee
-        self.config = WorkerConfig(model="fake", input_topic=IN, output_topic=OUT, dlq_topic=DLQ,
-                                   guarantee=guarantee, max_wait_ms=0, commit_interval_ms=0,
-                                   **overrides).with_batch_caps(*BATCH_CAPS["cpu"])
+        self.config = WorkerConfig(**{"model": "fake", "input_topic": IN, "output_topic": OUT, "dlq_topic": DLQ,
+                                      "guarantee": guarantee, "max_wait_ms": 0, "commit_interval_ms": 0,
+                                      **overrides}).with_batch_caps(*BATCH_CAPS["cpu"])
         self.inference = InferenceStage(forward, [101, 102], self.config.max_device_failures)
         consumer = KafkaPythonConsumer(self.kafka)
 
@@ -296,7 +310,8 @@ class Harness:
 
         def make_delivery(tracker, on_delivered):
             parts = (make_producer, consumer, tracker, DLQ, on_delivered, lambda: None)
-            pacing = {"commit_interval_s": 0, "max_message_bytes": (limits or {}).get}
+            pacing = {"commit_interval_s": self.config.commit_interval_ms / 1000,
+                      "max_message_bytes": (limits or {}).get}
             if guarantee == "exactly-once":
                 return ExactlyOnce(*parts, **pacing, transaction_timeout_s=10, instance="fake")
             return AtLeastOnce(*parts, **pacing)

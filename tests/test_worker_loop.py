@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from contract.cli import UserError
-from tests.fakes import DLQ, OUT, Fenced, Harness, Retriable, TooLarge, fake_forward, fake_tokenize
+from tests.fakes import DLQ, IN, OUT, Fenced, Harness, Retriable, TooLarge, fake_forward, fake_tokenize
 from worker.clients import TP
 
 GUARANTEES = ["at-least-once", "exactly-once"]
@@ -130,6 +130,27 @@ def test_a_poll_in_the_tokenizer_across_revoke_and_reassign_is_dropped(guarantee
     assert sorted(set(offsets)) == list(range(40))
     if guarantee == "exactly-once":
         assert len(offsets) == 40
+
+
+@pytest.mark.parametrize("same_poll", [True, False])
+def test_at_least_once_commits_what_was_acknowledged_before_a_revoke(same_poll):
+    """Results acknowledged since the last (paced) commit are committed in the revoke callback, while the
+    worker still owns the partitions, so the next owner does not publish them again."""
+    h = Harness("at-least-once", max_batch_size=8, max_in_flight=64, commit_interval_ms=3_600_000)
+    h.publish(0, 20)
+    h.publish(1, 12)
+    for _ in range(30):
+        h.step()
+        if len(h.broker.published()) == 32 and not h.producer.waiting:
+            break
+    assert len(h.broker.published()) == 32 and not h.broker.committed  # acknowledged, no paced commit yet
+    h.kafka.rebalance({0, 1}, same_poll=same_poll)
+    h.step()
+    assert h.kafka.revoke_commits == [{TP(IN, 0): 20, TP(IN, 1): 12}]
+    h.publish(0, 4)
+    h.step(20)  # (the paced commit never comes: these stay in hand)
+    offsets = [(item["partition"], item["offset"]) for item in h.broker.published()]
+    assert len(offsets) == len(set(offsets)) == 36  # nothing published twice
 
 
 @pytest.mark.parametrize("guarantee", GUARANTEES)

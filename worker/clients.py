@@ -69,6 +69,10 @@ class ConsumerClient(Protocol):
     def commit(self, offsets: dict[TP, int], on_done: Callable[[Exception | None], None] | None = None) -> None:
         """Commit asynchronously, or synchronously (raising) when `on_done` is None."""
 
+    def before_revoke(self, positions: Callable[[set[TP]], dict[TP, int]]) -> None:
+        """Register `positions(tps)`: it runs (on any thread) while this member still owns `tps` and is about to
+        give them up; what it returns is committed before they go, so acknowledged results are not redone."""
+
     def group_metadata(self) -> Any: ...
 
     def rejoin(self) -> None: ...

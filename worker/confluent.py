@@ -61,6 +61,7 @@ class ConfluentConsumer:
         self._topic = ""
         self._revoked: set[TP] = set()
         self._assigned: set[TP] | None = None
+        self._positions: Callable[[set[TP]], dict[TP, int]] | None = None
 
     @classmethod
     def connect(cls, settings: KafkaSettings, client_id: str, group: str, max_wait_ms: int,
@@ -83,9 +84,24 @@ class ConfluentConsumer:
     def subscribe(self, topic: str) -> None:
         self._topic = topic
         self._consumer.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                 on_lost=self._on_revoke)
+                                 on_lost=self._on_lost)
 
-    def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:  # inside consume(): note only
+    def before_revoke(self, positions: Callable[[set[TP]], dict[TP, int]]) -> None:
+        self._positions = positions
+
+    def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:  # inside consume()
+        """Still the owner: what `before_revoke` hands back is committed, synchronously, before they go."""
+        revoked = {TP(tp.topic, tp.partition) for tp in partitions}
+        offsets = self._positions(revoked) if self._positions else {}
+        if offsets:
+            try:
+                self._consumer.commit(offsets=[TopicPartition(tp.topic, tp.partition, o) for tp, o in offsets.items()],
+                                      asynchronous=False)
+            except KafkaException as err:  # the partitions go anyway; their results may be redone
+                log.info("commit before the revoke failed: %s", err)
+        self._on_lost(_consumer, partitions)
+
+    def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:  # no longer ours: note only
         self._revoked.update(TP(tp.topic, tp.partition) for tp in partitions)
         self._assigned = None
 

@@ -117,6 +117,11 @@ class _Delivery:
     def _before_send(self) -> None:
         """Exactly-once opens its transaction here."""
 
+    def before_revoke(self, partitions: set[TP]) -> dict[TP, int]:
+        """Positions to commit before `partitions` are given up: none by default (exactly-once commits only
+        inside its transactions, and a revoke aborts the open one)."""
+        return {}
+
     def _refused(self, err: Exception) -> Refusal:
         self.on_error()
         refusal = self._classify(err)
@@ -229,6 +234,13 @@ class AtLeastOnce(_Delivery):
             self.consumer.commit(offsets)
         else:
             self.consumer.commit(offsets, lambda err, o=offsets: self._commits.put((o, err)))
+
+    def before_revoke(self, partitions: set[TP]) -> dict[TP, int]:
+        """What these partitions have acknowledged since the last commit: committed before they go, so the
+        next owner does not publish those results again."""
+        offsets = {tp: o for tp, o in self.tracker.commit_positions().items() if tp in partitions}
+        self.tracker.committing(offsets)
+        return offsets
 
     def abandon(self) -> None:
         """Revoked partitions' messages in flight stay in flight; their answers no longer count."""

@@ -1,6 +1,7 @@
 """kafka-python (pure Python) behind the worker's client seam, with the workarounds this client needs.
 
-kafka-python 3.0 runs rebalance listeners on its I/O thread, where blocking calls are forbidden,
+kafka-python 3.0 runs rebalance listeners on its I/O thread, where blocking calls are forbidden (an
+async listener may await the coordinator's own commit: acknowledged offsets go out before a revoke),
 and keeps the fetch position of a partition that stays assigned across an eager rebalance, so
 records of the poll that completes a rebalance may come from that old, further-ahead position.
 `poll` therefore drops those records, restarts every newly assigned partition from its committed
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import AsyncConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kerr
 from kafka.admin import ConfigResource
 from kafka.structs import OffsetAndMetadata
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 REJOIN_AFTER_S = 10.0
 MAX_REJOINS = 3
 PROBE_S = 5.0
+REVOKE_COMMIT_MS = 5_000
 REJECTED = (kerr.MessageSizeTooLargeError, kerr.RecordListTooLargeError, kerr.InvalidRecordError)
 FENCED = (kerr.ProducerFencedError, kerr.InvalidProducerEpochError, kerr.TransactionCoordinatorFencedError)
 
@@ -41,6 +43,7 @@ class KafkaPythonConsumer:
         self._assigned: set[TP] | None = None
         self._last_event = time.monotonic()
         self._rejoins = 0
+        self._positions: Callable[[set[TP]], dict[TP, int]] | None = None
 
     @classmethod
     def connect(cls, settings: KafkaSettings, client_id: str, group: str, max_wait_ms: int, max_poll_records: int,
@@ -64,6 +67,20 @@ class KafkaPythonConsumer:
         self._revoked.update(TP(tp.topic, tp.partition) for tp in partitions)
         self._assigned = None
         self._last_event = time.monotonic()
+
+    def before_revoke(self, positions: Callable[[set[TP]], dict[TP, int]]) -> None:
+        self._positions = positions
+
+    async def _commit_before_revoke(self, partitions: list[TopicPartition]) -> None:  # I/O thread: awaits only
+        offsets = self._positions({TP(tp.topic, tp.partition) for tp in partitions}) if self._positions else {}
+        if not offsets:
+            return
+        try:
+            await self._consumer._coordinator._commit_offsets_sync_async(
+                {TopicPartition(*tp): OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()},
+                timeout_ms=REVOKE_COMMIT_MS)
+        except Exception as err:  # noqa: BLE001 - the partitions go anyway; their results may be redone
+            log.info("commit before the revoke failed (%s: %s)", type(err).__name__, err)
 
     def _on_assigned(self, partitions: list[TopicPartition]) -> None:  # I/O thread: take note only
         self._assigned = {TP(tp.topic, tp.partition) for tp in partitions}
@@ -207,14 +224,18 @@ class KafkaPythonConsumer:
         self._consumer.close()
 
 
-class _Listener(ConsumerRebalanceListener):
+class _Listener(AsyncConsumerRebalanceListener):
     def __init__(self, consumer: KafkaPythonConsumer) -> None:
         self.consumer = consumer
 
-    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         self.consumer._on_revoked(list(revoked))
+        await self.consumer._commit_before_revoke(list(revoked))
 
-    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+    async def on_partitions_lost(self, lost: list[TopicPartition]) -> None:  # no longer ours: nothing to commit
+        self.consumer._on_revoked(list(lost))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.consumer._on_assigned(list(assigned))
 
 

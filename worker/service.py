@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -41,6 +42,7 @@ log = logging.getLogger("worker")
 
 IDLE_POLL_S = 0.1
 KEEPALIVE_POLL_S = 1.0
+REVOKE_WAIT_S = 1.0  # longest a client's revoke callback waits for the loop's bookkeeping
 
 
 class Worker:
@@ -55,6 +57,8 @@ class Worker:
         metrics.in_hand.set_function(lambda: len(self.tracker))
         self.delivery = make_delivery(self.tracker, self._delivered)
         self.delivery.interrupted = lambda: self.interrupted
+        self._owner = threading.Lock()  # held by the loop except while it polls: see _before_revoke
+        consumer.before_revoke(self._before_revoke)
         self.pool: list[Pending] = []
         self.paused: bool | None = False
         self.stopping = False
@@ -83,6 +87,10 @@ class Worker:
         self.tokenizing.close()
 
     def step(self) -> None:
+        with self._owner:
+            self._step()
+
+    def _step(self) -> None:
         self.health.tick()
         self._take_scores(self.inference.collect(timeout=self._idle_wait()))
         self.delivery.publish()
@@ -97,6 +105,10 @@ class Worker:
     def drain(self) -> None:
         """Finish everything in hand: run the pool, publish and commit as it goes (transactions stay
         short), then wait until every message is acknowledged and commit. A second signal stops it."""
+        with self._owner:
+            self._drain()
+
+    def _drain(self) -> None:
         while self.pool or self.inference.busy or self.tokenizing.busy:
             if self.interrupted:
                 raise Interrupted
@@ -130,7 +142,11 @@ class Worker:
             self.paused = room <= 0
             self.consumer.pause_all(self.paused)
         timeout = self._poll_timeout() if room > 0 else 0.0
-        polled = self.consumer.poll(max_records=max(1, room), timeout_s=timeout)
+        self._owner.release()  # a revoke callback may run meanwhile (inside this poll, or on the client's thread)
+        try:
+            polled = self.consumer.poll(max_records=max(1, room), timeout_s=timeout)
+        finally:
+            self._owner.acquire()
         self.last_poll = time.monotonic()
         self._rebalanced(polled)
         if polled.records:
@@ -168,6 +184,17 @@ class Worker:
             self.health.joined = True
             self.metrics.rebalances.inc()
             log.info("assigned %s", sorted(f"{tp.topic}:{tp.partition}" for tp in polled.assigned))
+
+    def _before_revoke(self, partitions: set[TP]) -> dict[TP, int]:
+        """The client is about to give these partitions up: what they have acknowledged is committed first
+        (at-least-once). Runs on the client's thread or inside our poll, so it waits for the loop's
+        bookkeeping to be between steps or polling; if that takes too long, those results are redone."""
+        if not self._owner.acquire(timeout=REVOKE_WAIT_S):
+            return {}
+        try:
+            return self.delivery.before_revoke(partitions)
+        finally:
+            self._owner.release()
 
     def _drop(self, partitions: set[TP]) -> None:
         self.pool = [p for p in self.pool if p.key[0] not in partitions]
