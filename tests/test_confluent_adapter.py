@@ -320,6 +320,7 @@ class ConfluentHarness(Harness):
                                      or made[0])
         self.kafka = made[0]
         self.worker.consumer = self.worker.delivery.consumer = consumer
+        consumer.before_revoke(self.worker._before_revoke)  # as Worker.__init__ does for its own consumer
         consumer.subscribe(IN)
 
 
@@ -373,3 +374,27 @@ def test_the_worker_dead_letters_what_the_adapter_cannot_read():
     everything_classified(h)
     outcomes = h.outcomes()
     assert outcomes[(0, 3)] == outcomes[(0, 4)] == "internal_error"
+
+
+@pytest.mark.parametrize("same_poll", [True, False])
+def test_the_worker_over_the_adapter_commits_what_was_acknowledged_before_a_revoke(same_poll):
+    """on_revoke commits, synchronously and still the owner, what was acknowledged since the last (paced)
+    commit, and nothing past a result not yet acknowledged; the next assignment goes on from there."""
+    h = ConfluentHarness("at-least-once", max_batch_size=8, max_in_flight=64, commit_interval_ms=3_600_000)
+    publish(h.broker, 0, 20)
+    publish(h.broker, 1, 12)
+    for _ in range(30):
+        h.step()
+        if len(h.broker.published()) == 32 and not h.producer.waiting:
+            break
+    assert len(h.broker.published()) == 32 and not h.broker.committed  # acknowledged, no paced commit yet
+    publish(h.broker, 0, 4)  # offsets 20..23: sent, not answered, when the revoke comes
+    h.step(3, answer=False)
+    assert h.producer.waiting
+    h.kafka.rebalance({0, 1}, same_poll=same_poll)
+    h.step(answer=False)
+    assert h.broker.committed == {TP(IN, 0): 20, TP(IN, 1): 12}
+    h.step(20)  # (the paced commit never comes: these stay in hand)
+    offsets = [(item["partition"], item["offset"]) for item in h.broker.published()]
+    assert sorted(set(offsets)) == sorted(h.inputs())
+    assert len(offsets) - len(set(offsets)) <= 4  # only the unanswered ones may go out again

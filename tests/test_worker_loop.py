@@ -314,3 +314,18 @@ def test_a_broken_device_stops_the_worker_with_nothing_committed_past_it():
         h.run_until_idle()
     assert not h.broker.logs[(DLQ, 0)] and not h.broker.logs[(OUT, 0)]
     assert h.broker.committed.get(TP("in", 0), 0) == 0
+
+
+def test_a_tokenizer_answer_of_the_wrong_length_falls_back_to_one_text_at_a_time():
+    """A batched answer with a row missing must not shift ids onto other records or stop the loop (as the
+    synchronous `zip(..., strict=True)` guaranteed): the poll is tokenized again one text at a time."""
+
+    def short_tokenize(texts):
+        tokens = fake_tokenize(texts)
+        return type(tokens)(ids=tokens.ids[:-1], truncated=tokens.truncated[:-1]) if len(texts) > 1 else tokens
+
+    h = Harness("at-least-once", tokenize=short_tokenize, max_batch_size=8, max_in_flight=32)
+    h.publish(0, 10)
+    h.run_until_idle()
+    everything_classified(h)
+    assert set(h.outcomes().values()) <= {"positive", "negative"}  # no record lost to a dead letter

@@ -72,7 +72,10 @@ class TokenizingStage:
     def _tokenized(self, items: list[Any], texts: list[str]) -> Tokenized:
         try:
             tokens = self.tokenize(texts)
-            return Tokenized(items, list(tokens.ids), list(tokens.truncated))
+            ids, truncated = list(tokens.ids), list(tokens.truncated)
+            if len(ids) != len(texts) or len(truncated) != len(texts):
+                raise ValueError(f"{len(ids)} rows of token ids for {len(texts)} texts")
+            return Tokenized(items, ids, truncated)
         except Exception:  # noqa: BLE001 - find the texts at fault below
             pass
         done = Tokenized(items, [None] * len(texts), [False] * len(texts))
