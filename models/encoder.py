@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import logging
 import os
 import socket
@@ -248,14 +249,13 @@ class Encoder:
         return Tokens(ids=ids, truncated=truncated)
 
     def pad(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-pad to the longest row: (input_ids, attention_mask), on the CPU."""
-        width = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, row in enumerate(ids):
-            input_ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = 1
-        return input_ids, mask
+        """Right-pad to the longest row: (input_ids, attention_mask), on the CPU. One copy of all ids through a
+        mask (row-major, so row by row), not a tensor per row: at GPU speed the per-row way costs ~20 us/row."""
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        mask = np.arange(int(lengths.max())) < lengths[:, None]
+        input_ids = np.full(mask.shape, self.pad_id, dtype=np.int64)
+        input_ids[mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        return torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64))
 
     def probe_ids(self) -> list[int]:
         """A minimal input any working device scores: tells a broken device from records it fails on."""

@@ -41,7 +41,7 @@ def test_batch_caps_left_unset_take_the_devices_defaults():
     assert unset.with_batch_caps(*BATCH_CAPS["cpu"]).max_batch_tokens == 8192
     given = parse_args(["--model", "m", "--max-batch-size", "32"]).with_batch_caps(*BATCH_CAPS["cuda"])
     assert (given.max_batch_size, given.max_batch_tokens) == (32, 32768)
-    with pytest.raises(UserError, match="--max-in-flight must be at least --max-batch-size"):
+    with pytest.raises(UserError, match=r"--max-in-flight \(100\) must be at least --max-batch-size \(256; "):
         parse_args(["--model", "m", "--max-in-flight", "100"]).with_batch_caps(*BATCH_CAPS["cuda"])
 
 

@@ -59,7 +59,8 @@ class WorkerConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_in_flight < (self.max_batch_size or 0):
-            raise UserError("--max-in-flight must be at least --max-batch-size")
+            raise UserError(f"--max-in-flight ({self.max_in_flight}) must be at least --max-batch-size "
+                            f"({self.max_batch_size}; 256 by default on CUDA)")
         if self.max_device_failures < 1:
             raise UserError("--max-device-failures must be at least 1")
         if self.static_membership and not self.instance_id:

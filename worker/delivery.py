@@ -107,10 +107,12 @@ class _Delivery:
         """A message over its topic's max.message.bytes can never be accepted: dead-letter it now."""
         message, record = entry.message, entry.record
         limit = self.max_message_bytes(message.topic)
-        headers = record.headers if message.keep_headers else []
-        size = len(message.value) + len(record.key or b"") + RECORD_OVERHEAD + sum(len(k) + len(v or b"")
-                                                                                   for k, v in headers)
-        if limit is not None and size > limit and message.keep_headers:
+        if limit is None or not message.keep_headers:
+            return
+        size = len(message.value) + len(record.key or b"") + RECORD_OVERHEAD
+        if record.headers:
+            size += sum(len(k) + len(v or b"") for k, v in record.headers)
+        if size > limit:
             entry.detail = f"{size} bytes with its key and headers, over max.message.bytes={limit}"
             entry.message = rejected_dead_letter(entry, self.dlq_topic)
 

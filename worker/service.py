@@ -17,6 +17,7 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from contract.records import (
@@ -65,6 +66,7 @@ class Worker:
         self.interrupted = False
         self.last_poll = time.monotonic()
         self.arrivals = 0
+        self.delivered: Counter[tuple[bool, str]] = Counter()  # (is a result, label or code) since `_count`
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -95,6 +97,7 @@ class Worker:
         self._take_scores(self.inference.collect(timeout=self._idle_wait()))
         self.delivery.publish()
         self.delivery.step()
+        self._count()
         self.health.refusing_since = self.delivery.refusing_since
         self._pool(self.tokenizing.collect())
         self._dispatch(force=False)
@@ -117,7 +120,11 @@ class Worker:
             self._take_scores(self.inference.collect(timeout=0.1))
             self.delivery.publish()
             self.delivery.step()
-        self.delivery.flush()
+            self._count()
+        try:
+            self.delivery.flush()
+        finally:
+            self._count()
 
     def _room(self) -> int:
         """Records that may still be polled: memory stays bounded by count and by bytes under any backlog."""
@@ -232,7 +239,8 @@ class Worker:
                 if i in tokenized.errors:
                     self._dead_letter(record, epoch, _internal(tokenized.errors[i]))
                     continue
-                self.metrics.truncated.inc(tokenized.truncated[i])
+                if tokenized.truncated[i]:
+                    self.metrics.truncated.inc()
                 self.arrivals += 1
                 self.pool.append(Pending((record.tp, record.offset), tokenized.ids[i], arrived, (record, epoch, review),
                                          self.arrivals))
@@ -279,12 +287,16 @@ class Worker:
         return Source(record.tp.topic, record.tp.partition, record.offset)
 
     def _delivered(self, message: Outgoing) -> None:
+        """Counted here, added to the labelled counters once a step (`_count`): a lock per counter, not per message."""
+        self.delivered[(message.is_result, message.outcome)] += 1
         if message.is_result:
-            self.metrics.classified.labels(message.outcome).inc()
             self.metrics.latency.observe(max(0.0, time.time() - message.record.timestamp_ms / 1000))
-        else:
-            self.metrics.dead_lettered.labels(message.outcome).inc()
-        self.metrics.delivered()
+
+    def _count(self) -> None:
+        for (is_result, outcome), count in self.delivered.items():
+            (self.metrics.classified if is_result else self.metrics.dead_lettered).labels(outcome).inc(count)
+            self.metrics.delivered(count)
+        self.delivered.clear()
 
 
 def _internal(err: BaseException) -> Rejection:
