@@ -352,3 +352,21 @@ def test_kubernetes_static_membership_runs_the_same_pod_as_a_statefulset():
         {k: v for k, v in base["spec"].items() if k != "containers"}
     assert sts["spec"]["serviceName"] == k8s_docs()["Service"]["metadata"]["name"]
     assert scaled["scaleTargetRef"]["kind"] == "StatefulSet" and scaled["scaleTargetRef"]["name"] == "sentiment-worker"
+
+
+def test_bench_plot_draws_every_reference_point(tmp_path):
+    """make bench's PNG from a results.json shape (synthetic figures): ceiling, worker, naive, latency, pipeline."""
+    from ops.bench.__main__ import plot
+
+    results = {
+        "ceiling": [{"dtype": "fp32", "max_batch_size": b, "per_second": 10.0 * b, "padding_efficiency": 0.9}
+                    for b in (1, 8, 64)],
+        "worker": {"fp32": {"per_second": 500.0}}, "naive_per_second": 40.0,
+        "latency": [{"offered_per_second": r, "p50_s": 0.05, "p99_s": 0.2} for r in (100, 200)],
+        "pipeline": {"loop": {"kafka-python": {"per_second": 8000.0}, "confluent": {"per_second": 140000.0}},
+                     "worker": {"kafka-python": {"per_second": 2700.0}, "confluent": {"per_second": 4000.0}},
+                     "budget": {"tokenize_per_second": 25000.0, "forward_per_second": 15000.0}},
+    }
+    path = tmp_path / "results.png"
+    plot(results, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000

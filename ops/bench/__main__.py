@@ -1,4 +1,5 @@
-"""`make bench`: ceiling (a), worker through Kafka (b), naive loop (c), latency under load (d).
+"""`make bench`: ceiling (a), worker through Kafka (b), naive loop (c), latency under load (d), and the
+pipeline reference point (e: each Kafka client's own loop against the tiny-model worker, ops/bench/pipeline.py).
 
 Everything runs in one process tree on one machine, on the same sentences, with the
 DistilBERT architecture and random weights (no hub needed). Writes ops/bench/results.json
@@ -25,6 +26,7 @@ from models.artifact import load_artifact
 from models.build import save_random_distilbert
 from models.classifier import Classifier
 from models.encoder import Encoder, offline_folder
+from ops.bench import pipeline
 from ops.bench.ceiling import measure
 from ops.bench.naive import run_naive
 from ops.harness import Topics, WorkerProcess, free_port, publish, read
@@ -86,6 +88,7 @@ def main() -> int:
     parser.add_argument("--latency-seconds", type=float, default=12, help="measured, after a 3 s warm-up")
     parser.add_argument("--naive-records", type=int, default=200)
     parser.add_argument("--batch-sizes", default="1,8,32,64")
+    parser.add_argument("--pipeline-records", type=int, default=20_000, help="backlog of the pipeline point (e)")
     args = parser.parse_args()
     texts, data = sentences()
     say(f"{len(texts)} sentences from {data}")
@@ -163,6 +166,9 @@ def main() -> int:
                                    "p99_s": round(p99, 4)})
         say(f"    {rate:6.1f}/s offered: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
 
+    say("(e) pipeline: each client's own loop, the tiny-model worker with each client, tokenizing, forward")
+    results["pipeline"] = pipeline.run(settings, args.pipeline_records, 4, pipeline.CLIENTS)
+
     ratio_a = results["worker"][best_name]["ratio_to_ceiling"]
     ratio_c = best / naive
     results["ratios"] = {"worker_over_ceiling": ratio_a, "worker_over_naive": round(ratio_c, 2),
@@ -171,6 +177,7 @@ def main() -> int:
     plot(results, ROOT / "ops" / "bench" / "results.png")
     print(f"(b)/(a) = {ratio_a:.2f}  (target >= 0.85)   (b)/(c) = {ratio_c:.1f}  (target >= 5)   "
           f"padding efficiency = {results['worker'][best_name]['padding_efficiency']:.3f}  (target >= 0.9)")
+    print(pipeline.table(results["pipeline"]))
     print("wrote ops/bench/results.json and ops/bench/results.png")
     return 0
 
@@ -181,7 +188,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right, rates) = plt.subplots(1, 3, figsize=(16, 4.2))
     for dtype in sorted({c["dtype"] for c in results["ceiling"]}):
         rows = [c for c in results["ceiling"] if c["dtype"] == dtype]
         left.plot([c["max_batch_size"] for c in rows], [c["per_second"] for c in rows], "o-",
@@ -196,6 +203,14 @@ def plot(results: dict, path: Path) -> None:
     right.plot([x["offered_per_second"] for x in lat], [x["p99_s"] * 1000 for x in lat], "o-", label="p99")
     right.set(xlabel="offered load (records / s)", ylabel="end-to-end latency (ms)", title="Latency vs load")
     right.legend()
+    pipe = results["pipeline"]
+    bars = [(f"{c} loop alone", v["per_second"]) for c, v in pipe["loop"].items()]
+    bars += [(f"worker, tiny model, {c}", v["per_second"]) for c, v in pipe["worker"].items()]
+    bars += [("tokenizing alone", pipe["budget"]["tokenize_per_second"]),
+             ("tiny forward alone", pipe["budget"]["forward_per_second"])]
+    rates.barh([name for name, _ in bars], [rate for _, rate in bars], color="tab:blue")
+    rates.set(xscale="log", xlabel="records / s", title="Pipeline: the worker's own path (tiny model)")
+    rates.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
