@@ -190,7 +190,8 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (left, right, rates) = plt.subplots(1, 3, figsize=(16, 4.2))
     for dtype in sorted({c["dtype"] for c in results["ceiling"]}):
-        rows = [c for c in results["ceiling"] if c["dtype"] == dtype]
+        rows = list({c["max_batch_size"]: c for c in results["ceiling"] if c["dtype"] == dtype}.values())  # one
+        # line per dtype: "auto" resolves to fp32 on a CPU without native bf16, measured twice
         left.plot([c["max_batch_size"] for c in rows], [c["per_second"] for c in rows], "o-",
                   label=f"ceiling {dtype}")
     for name, w in results["worker"].items():
