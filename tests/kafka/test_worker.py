@@ -172,6 +172,16 @@ def test_sigkill_three_times_exactly_once_has_no_duplicates(tiny_artifact, topic
     assert duplicates == 0
 
 
+def both_consume(a, b, timeout: float) -> tuple[float, float]:
+    """Each worker's consumed count once both consume (ready means joined: the group may still be settling)."""
+    deadline = time.monotonic() + timeout
+    counts = (0.0, 0.0)
+    while time.monotonic() < deadline and not all(counts):
+        time.sleep(0.5)
+        counts = tuple(w.metric("sentiment_worker_messages_consumed_total") for w in (a, b))
+    return counts
+
+
 @pytest.mark.parametrize("kafka_client", CLIENTS_LONG)
 def test_two_workers_share_partitions_and_lose_nothing_when_one_stops(tiny_artifact, topics, env,
                                                                        kafka_settings, tmp_path):
@@ -183,12 +193,7 @@ def test_two_workers_share_partitions_and_lose_nothing_when_one_stops(tiny_artif
         b.wait_ready()
         vals, keys, ids = reviews(4000)
         producer = stream(kafka_settings, topics.input, vals, keys, seconds=6)
-        deadline = time.monotonic() + 20  # ready means joined: the group may still be settling
-        consumed_a = consumed_b = 0.0
-        while time.monotonic() < deadline and not (consumed_a and consumed_b):
-            time.sleep(0.5)
-            consumed_a = a.metric("sentiment_worker_messages_consumed_total")
-            consumed_b = b.metric("sentiment_worker_messages_consumed_total")
+        consumed_a, consumed_b = both_consume(a, b, timeout=20)
         assert a.terminate() == 0, a.tail()
         producer.join()
         results = read(kafka_settings, topics.output, 4000, timeout=120, settle=2)
@@ -214,12 +219,7 @@ def test_kafka_python_and_confluent_workers_share_one_group(tiny_artifact, topic
         new.wait_ready()
         vals, keys, ids = reviews(4000, "m")
         producer = stream(kafka_settings, topics.input, vals, keys, seconds=8)
-        deadline = time.monotonic() + 30  # ready means joined: the group may still be settling
-        consumed_old = consumed_new = 0.0
-        while time.monotonic() < deadline and not (consumed_old and consumed_new):
-            time.sleep(0.5)
-            consumed_old = old.metric("sentiment_worker_messages_consumed_total")
-            consumed_new = new.metric("sentiment_worker_messages_consumed_total")
+        consumed_old, consumed_new = both_consume(old, new, timeout=30)
         assert old.terminate() == 0, old.tail()
         producer.join()
         results = read(kafka_settings, topics.output, 4000, timeout=120, committed_only=True, settle=2)
