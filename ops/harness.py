@@ -115,8 +115,31 @@ class WorkerProcess:
         self.proc.wait(timeout=10)
 
     def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM and the exit code; a worker still running after `timeout` is killed, and the error names its
+        log, where its threads' stacks went first."""
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.dump_stacks()
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise RuntimeError(f"worker pid {self.proc.pid} still ran {timeout:.0f} s after SIGTERM; killed "
+                               f"(its threads' stacks: {self.log or 'no log kept'})") from None
+
+    def dump_stacks(self) -> None:
+        """Every thread's stack, appended to the worker's log: py-spy reads them from outside, the worker runs on
+        (a signal handler inside it, such as faulthandler's, can crash a process whose threads are busy)."""
+        if not self.log or not self.alive():
+            return
+        with open(self.log, "ab") as out:
+            out.write(f"--- py-spy dump of pid {self.proc.pid}\n".encode())
+            out.flush()
+            try:
+                subprocess.run([str(Path(sys.executable).with_name("py-spy")), "dump", "--pid", str(self.proc.pid)],
+                               stdout=out, stderr=out, timeout=60, check=False)
+            except (OSError, subprocess.TimeoutExpired) as err:
+                out.write(f"py-spy failed: {err}\n".encode())
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log and self.log.exists() else ""

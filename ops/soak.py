@@ -1,10 +1,14 @@
 """`make soak MINUTES=N`: a steady stream at about 70 % of one worker's rate for N minutes with a
 fault every minute (a worker SIGKILLed, one SIGTERMed, one joining, the broker restarted), under
 one guarantee. Ends with one summary line, and exit 1 when anything was lost, duplicated under
-exactly-once, held by an idle worker, or when the long-lived worker's memory grew 5 % or more
-after its first minute.
+exactly-once, held by an idle worker, when a worker did not stop on SIGTERM, or when the long-lived
+worker's memory grew 5 % or more after its first minute.
 
     python -m ops.soak --minutes 5 --guarantee exactly-once
+    python -m ops.soak --minutes 6 --faults join,broker-restart --every 30   # one kind of fault, more often
+
+For a worker found idle with records, or still running two minutes after SIGTERM, the worker log
+gets every thread's stack (py-spy dump).
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class Watch(threading.Thread):
                     idle_from = time.monotonic()
                 elif time.monotonic() - idle_from > IDLE_LIMIT_S:
                     self.idle.append(f"pid {w.proc.pid} held {held:.0f} records for {IDLE_LIMIT_S:.0f} s")
+                    w.dump_stacks()
                     idle_from = time.monotonic()
                 since[w.proc.pid] = (done, idle_from)
             time.sleep(2)
@@ -88,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=float(os.environ.get("MINUTES", 5)))
     p.add_argument("--guarantee", default="at-least-once", choices=("at-least-once", "exactly-once"))
     p.add_argument("--rate", type=float, default=0.0, help="records/s (default: 70 %% of one worker's rate)")
+    p.add_argument("--faults", default=",".join(FAULTS), help="the faults, in turn (default: %(default)s)")
+    p.add_argument("--every", type=float, default=60.0, help="seconds between faults (default: 60)")
     args = p.parse_args(argv)
+    faults = args.faults.split(",")
+    if not set(faults) <= set(FAULTS):
+        p.error(f"--faults: choose among {', '.join(FAULTS)}")
     broker_script = os.environ.get("KAFKA_LOCAL_BROKER")
     settings = KafkaSettings.from_env()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -112,67 +122,83 @@ def main(argv: list[str] | None = None) -> int:
             rate = 0.7 * 6000 / (time.monotonic() - started)
         calibration.delete()
     total = int(rate * args.minutes * 60)
-    say(f"{args.guarantee}: {args.minutes:g} min at {rate:.0f} records/s ({total} records), a fault a minute")
+    say(f"{args.guarantee}: {args.minutes:g} min at {rate:.0f} records/s ({total} records), "
+        f"a fault every {args.every:g} s")
     topics = Topics.prefixed(settings, f"soak-{args.guarantee[:5]}-{int(time.time())}").create(partitions=4)
     watch = Watch()
-    long_lived, other = worker("long-lived", topics), worker("replica-1", topics)
-    watch.workers += [long_lived, other]
-    long_lived.wait_ready()
-    watch.start()
-    stream = threading.Thread(target=publish, args=(settings, topics.input, [value(i) for i in range(total)]),
-                              kwargs={"rate": rate}, daemon=True)
-    stream.start()
-    rss = psutil.Process(long_lived.proc.pid)
-    time.sleep(min(60, args.minutes * 60 / 2))
-    rss_first_minute = rss.memory_info().rss
-    third: WorkerProcess | None = None
-    for minute, fault in zip(range(int(args.minutes) - 1), FAULTS * 10, strict=False):
-        say(f"fault {minute + 1}: {fault}")
-        if fault == "sigkill":
-            other.kill()
-            other = worker("replica-1", topics)
-        elif fault == "sigterm":
-            code = other.terminate(timeout=120)
+    try:
+        long_lived, other = worker("long-lived", topics), worker("replica-1", topics)
+        watch.workers += [long_lived, other]
+        long_lived.wait_ready()
+        watch.start()
+        stream = threading.Thread(target=publish, args=(settings, topics.input, [value(i) for i in range(total)]),
+                                  kwargs={"rate": rate}, daemon=True)
+        stream.start()
+        rss = psutil.Process(long_lived.proc.pid)
+        time.sleep(min(60, args.minutes * 60 / 2))
+        rss_first_minute = rss.memory_info().rss
+        third: WorkerProcess | None = None
+        stuck: list[str] = []  # workers that did not stop on SIGTERM
+
+        def stop(w: WorkerProcess) -> None:
+            try:
+                code = w.terminate(timeout=120)
+            except RuntimeError as err:
+                stuck.append(str(err))
+                return
             if code != 0:
-                say(f"replica exited {code} on SIGTERM: {other.tail()}")
+                stuck.append(f"pid {w.proc.pid} exited {code} on SIGTERM: {w.tail()}")
+
+        for n, fault in zip(range(int(args.minutes * 60 / args.every) - 1), faults * 1000, strict=False):
+            say(f"fault {n + 1}: {fault}")
+            if fault == "sigkill":
+                other.kill()
+                other = worker("replica-1", topics)
+            elif fault == "sigterm":
+                stop(other)
+                other = worker("replica-1", topics)
+            elif fault == "join":
+                if third is not None and third.alive():
+                    stop(third)
+                third = worker("replica-2", topics)
+                watch.workers.append(third)
+            elif broker_script:
+                subprocess.run([broker_script, "stop"], check=True, stdout=subprocess.DEVNULL)
+                time.sleep(5)
+                subprocess.run([broker_script, "start"], check=True, stdout=subprocess.DEVNULL)
+            watch.workers.append(other)
+            time.sleep(args.every)
+            if not long_lived.alive():
+                say(f"the long-lived worker died (exit {long_lived.proc.returncode}): {long_lived.tail()}")
                 return 1
-            other = worker("replica-1", topics)
-        elif fault == "join":
-            if third is not None and third.alive():
-                third.terminate(timeout=120)
-            third = worker("replica-2", topics)
-            watch.workers.append(third)
-        elif broker_script:
-            subprocess.run([broker_script, "stop"], check=True, stdout=subprocess.DEVNULL)
-            time.sleep(5)
-            subprocess.run([broker_script, "start"], check=True, stdout=subprocess.DEVNULL)
-        watch.workers.append(other)
-        time.sleep(60)
-        if not long_lived.alive():
-            say(f"the long-lived worker died: {long_lived.tail()}")
-            return 1
-    stream.join()
-    committed_only = args.guarantee == "exactly-once"
-    results = read(settings, topics.output, total, timeout=600, committed_only=committed_only, settle=5,
-                   progress="reading results")
-    rss_end = rss.memory_info().rss
-    watch.running = False
-    for w in (long_lived, other, third):
-        if w is not None and w.alive():
-            w.terminate(timeout=120)
-    got = Counter(json.loads(r.value)["id"] for r in results)
-    lost = total - len(set(got) & {f"k{i}" for i in range(total)})
-    duplicated = sum(got.values()) - len(got)
-    growth = (rss_end - rss_first_minute) / rss_first_minute
-    say(f"worker log: {logs}")
-    print(f"soak ({args.guarantee}, {args.minutes:g} min, {rate:.0f}/s): sent={total} classified={len(got)} "
-          f"lost={lost} duplicated={duplicated} idle-with-records={len(watch.idle)} "
-          f"long-lived RSS {rss_first_minute / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB ({growth:+.1%})")
-    for line in watch.idle:
-        print(f"  idle: {line}")
-    topics.delete()
-    failed = lost or watch.idle or growth >= 0.05 or (committed_only and duplicated)
-    return 1 if failed else 0
+        stream.join()
+        committed_only = args.guarantee == "exactly-once"
+        results = read(settings, topics.output, total, timeout=600, committed_only=committed_only, settle=5,
+                       progress="reading results")
+        rss_end = rss.memory_info().rss
+        watch.running = False
+        for w in (long_lived, other, third):
+            if w is not None and w.alive():
+                stop(w)
+        got = Counter(json.loads(r.value)["id"] for r in results)
+        lost = total - len(set(got) & {f"k{i}" for i in range(total)})
+        duplicated = sum(got.values()) - len(got)
+        growth = (rss_end - rss_first_minute) / rss_first_minute
+        say(f"worker log: {logs}")
+        print(f"soak ({args.guarantee}, {args.minutes:g} min, {rate:.0f}/s): sent={total} classified={len(got)} "
+              f"lost={lost} duplicated={duplicated} idle-with-records={len(watch.idle)} "
+              f"long-lived RSS {rss_first_minute / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB ({growth:+.1%})")
+        for line in watch.idle:
+            print(f"  idle: {line}")
+        for line in stuck:
+            print(f"  stuck: {line}")
+        topics.delete()
+        failed = lost or watch.idle or stuck or growth >= 0.05 or (committed_only and duplicated)
+        return 1 if failed else 0
+    finally:  # no worker outlives the soak, whatever ended it
+        watch.running = False
+        for w in watch.workers:
+            w.__exit__()
 
 
 if __name__ == "__main__":

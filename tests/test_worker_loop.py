@@ -10,10 +10,13 @@ import threading
 
 import numpy as np
 import pytest
+from kafka.errors import GroupAuthorizationFailedError, KafkaConnectionError, KafkaTimeoutError
 
 from contract.cli import UserError
 from tests.fakes import DLQ, IN, OUT, Fenced, Harness, Retriable, TooLarge, fake_forward, fake_tokenize
 from worker.clients import TP
+from worker.delivery import UNANSWERED_LIMIT_S
+from worker.kafka_python import POLL_FAILING_LIMIT_S
 
 GUARANTEES = ["at-least-once", "exactly-once"]
 
@@ -72,6 +75,56 @@ def test_a_rebalance_while_paused_at_the_in_flight_cap_resumes_fetching():
     h.kafka.rebalance({0, 1})
     h.run_until_idle()
     everything_classified(h)
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_polls_failing_while_the_broker_is_away_lose_no_rebalance(guarantee):
+    """kafka-python raises retriable errors from poll while the broker is away, also from the poll whose
+    listeners just ran: the worker keeps going, and those events come with that failed poll (the group has
+    moved on: nothing more may be published or committed for a partition given away)."""
+    h = Harness(guarantee, max_batch_size=8, max_in_flight=1000)  # room left: every step polls
+    h.publish(0, 100)
+    h.publish(1, 100)
+    h.step(3, answer=False)
+    h.kafka.failures += [KafkaConnectionError("socket disconnected"), KafkaTimeoutError("coordinator")]
+    h.kafka.rebalance({1})
+    h.step(answer=False)
+    assert h.worker.tracker.partitions() == {TP(IN, 1)}
+    h.step(3)
+    h.kafka.failures.append(KafkaConnectionError("111 ECONNREFUSED"))
+    h.kafka.rebalance({0, 1})
+    h.run_until_idle()
+    everything_classified(h)
+
+
+def test_exactly_once_commits_nothing_for_a_partition_given_away_in_a_failed_poll():
+    h = Harness("exactly-once", max_batch_size=8, max_in_flight=1000, commit_interval_ms=5000)
+    h.publish(0, 10)
+    h.step(2)
+    h.kafka.failures += [KafkaConnectionError("socket disconnected")] * 6
+    h.kafka.rebalance({1})
+    h.step(6)
+    assert TP(IN, 0) not in h.broker.committed
+
+
+def test_polls_failing_for_minutes_end_the_worker():
+    """A worker that polls nothing for POLL_FAILING_LIMIT_S ends, rather than look alive; its replacement starts
+    clean."""
+    h = Harness("at-least-once")
+    h.publish(0, 10)
+    h.kafka.failures += [KafkaConnectionError("socket disconnected")] * 3
+    h.step()
+    h.worker.consumer._failing_since -= POLL_FAILING_LIMIT_S + 1
+    with pytest.raises(KafkaConnectionError):
+        h.step()
+
+
+def test_a_poll_error_that_is_not_retriable_stops_the_worker():
+    h = Harness("at-least-once")
+    h.publish(0, 10)
+    h.kafka.failures.append(GroupAuthorizationFailedError("not allowed"))
+    with pytest.raises(GroupAuthorizationFailedError):
+        h.step(3)
 
 
 @pytest.mark.parametrize("guarantee", GUARANTEES)
@@ -263,9 +316,61 @@ def test_a_drain_commits_as_it_goes(guarantee):
     commits_before = len(h.broker.commit_history)
     h.worker.stopping = True
     h.worker.drain()
-    h.check()
+    h.check(idle=True)
     everything_classified(h)
     assert len(h.broker.commit_history) - commits_before >= 3  # not one commit at the very end
+
+
+def test_a_producer_that_answers_nothing_is_replaced_and_its_sends_go_out_again():
+    """kafka-python's idempotent producer can wait for a producer id for good after a broker restart: its sends
+    neither pass nor expire. After UNANSWERED_LIMIT_S the worker replaces it and sends them again; whatever the
+    old one answers later no longer counts."""
+    h = Harness("at-least-once", max_batch_size=8, max_in_flight=64)
+    h.publish(0, 30)
+    h.publish(1, 30)
+    h.step(3)
+    stuck = h.producer
+    stuck.stuck = True
+    h.publish(0, 20)
+    h.step(int(UNANSWERED_LIMIT_S) - 5)
+    assert h.producer is stuck and stuck.waiting
+    h.step(10)
+    assert h.producer is not stuck and stuck.closed and not stuck.waiting
+    h.run_until_idle()
+    everything_classified(h)
+
+
+def test_a_drain_with_a_producer_that_answers_nothing_ends():
+    h = Harness("at-least-once", max_batch_size=8, max_in_flight=64)
+    h.publish(0, 40)
+    h.step(2, answer=False)
+    stuck = h.producer
+    stuck.stuck = True
+    h.step(2, answer=False)
+    h.worker.stopping = True
+    drain = threading.Thread(target=h.worker.drain, daemon=True)
+    drain.start()
+    for _ in range(2000):  # the drain's clock: a second every 10 ms
+        drain.join(timeout=0.01)
+        h.now += 1
+    h.worker.interrupted = True  # ends a drain that hangs, so the test fails instead of hanging
+    assert not drain.is_alive() and h.producer is not stuck
+    h.check(idle=True)
+    everything_classified(h)
+
+
+def test_a_last_commit_the_broker_does_not_take_still_ends_the_drain(caplog):
+    """At least once: the results stay published, the next owner publishes them again; the worker stops."""
+    h = Harness("at-least-once", max_batch_size=8, max_in_flight=64, commit_interval_ms=10**9)  # one commit, last
+    h.publish(0, 40)
+    h.step(2, answer=False)
+    h.producer.auto_answer = True
+    h.kafka.commit_failures.append(KafkaTimeoutError("coordinator"))
+    h.worker.stopping = True
+    h.worker.drain()
+    assert "the last commit failed (KafkaTimeoutError" in caplog.text
+    assert not h.kafka.commit_failures and not h.producer.waiting
+    h.check(idle=True)
 
 
 def test_a_second_signal_ends_the_drain_without_committing():

@@ -60,9 +60,6 @@ class ConsumerClient(Protocol):
 
     def pause_all(self, paused: bool) -> None: ...
 
-    def seek_to_committed(self, tps: set[TP]) -> None:
-        """Restart these partitions from the group's committed offsets (the beginning when none)."""
-
     def position(self, tp: TP) -> int | None:
         """The next offset this consumer will return (past transaction markers), if known."""
 

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from contract.cli import UserError
 from contract.kafka import KafkaSettings, explain_connection_error
@@ -158,11 +158,6 @@ class ConfluentConsumer:
         assigned = self._consumer.assignment()
         if assigned:
             (self._consumer.pause if paused else self._consumer.resume)(assigned)
-
-    def seek_to_committed(self, tps: set[TP]) -> None:
-        for tp in self._consumer.committed([TopicPartition(*tp) for tp in tps], timeout=TOPIC_WAIT_S):
-            self._consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0
-                                               else OFFSET_BEGINNING))
 
     def position(self, tp: TP) -> int | None:
         """librdkafka's application position: local, and past transaction markers."""

@@ -35,7 +35,9 @@ Answer = tuple[tuple[TP, int, int, int, int], Exception | None]  # (tp, epoch, o
 RECORD_OVERHEAD = 100  # bytes a one-record batch adds around key, value and headers (at most ~90)
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
-RENEW_AFTER_ROUNDS = 1  # kafka-python's producer was seen stuck for ~40 s after a broker restart
+UNANSWERED_LIMIT_S = 45.0  # past the clients' delivery timeout (20 s) and request timeout (10 s): a producer
+#                            that answers none of its sends this long is stuck (seen: kafka-python's idempotent
+#                            producer waiting for a producer id after a broker restart, its sends never expiring)
 
 
 class Interrupted(BaseException):
@@ -82,6 +84,8 @@ class _Delivery:
         self.interrupted: Callable[[], bool] = lambda: False  # set by the loop: a second signal came
         self._generation = 0  # of the producer: answers from a replaced one do not count as this one's
         self._unanswered = 0  # sends of the current producer without an answer yet
+        self._sends = 0  # by the current producer
+        self._answered_at = clock()  # the current producer's last answer, or its first send after none pending
 
     def publish(self) -> None:
         now = clock()
@@ -95,7 +99,10 @@ class _Delivery:
             self._fit(entry)
             message, record = entry.message, entry.record
             key = (record.tp, entry.epoch, record.offset, entry.attempt, self._generation)
+            if not self._unanswered:
+                self._answered_at = now
             self._unanswered += 1
+            self._sends += 1
             if refused_at_once is not None:  # e.g. no metadata for the topic: the rest of the round waits no more
                 self._answers.put((key, refused_at_once))
                 continue
@@ -133,11 +140,12 @@ class _Delivery:
         return refusal
 
     def _back_off(self) -> float:
-        """Another failed round: wait longer, and replace a producer that keeps failing (seen: kafka-python's
-        went on refusing after the broker accepted again; a fresh one starts clean)."""
+        """Another failed round: wait longer, and replace the producer that failed (seen: kafka-python's went on
+        refusing after the broker accepted again; a fresh one starts clean). One that sent nothing yet stays."""
         self._failed_rounds += 1
-        if self._failed_rounds % RENEW_AFTER_ROUNDS == 0:
-            self._renew_producer()
+        if self._sends:
+            log.warning("replacing the Kafka producer after %d failed rounds", self._failed_rounds)
+            self._replace_producer()
         until = clock() + self._backoff
         self._backoff = min(BACKOFF_MAX_S, self._backoff * 2)
         return until
@@ -147,16 +155,12 @@ class _Delivery:
             log.info("publishing works again after %.1f s", clock() - self.refusing_since)
         self.refusing_since, self._backoff, self._failed_rounds = None, BACKOFF_MIN_S, 0
 
-    def _renew_producer(self) -> None:
-        log.warning("replacing the Kafka producer after %d failed rounds", self._failed_rounds)
-        self._replace_producer()
-
     def _replace_producer(self) -> None:
-        """A fresh producer; the old one is closed at once (its sends fail over to the retry path). Under
-        exactly-once the new one's initialisation aborts the old one's open transaction and fences it."""
+        """A fresh producer; the old one is closed at once and its answers no longer count. Under exactly-once
+        the new one's initialisation aborts the old one's open transaction and fences it."""
         old, self.producer = self.producer, None
         self._generation += 1
-        self._unanswered = 0
+        self._unanswered = self._sends = 0
         if old is not None:
             old.close(timeout_s=0)
         self._producer_ready()
@@ -173,6 +177,14 @@ class _Delivery:
             self._resume_at = clock() + self._backoff
             self._backoff = min(BACKOFF_MAX_S, self._backoff * 2)
             return False
+
+    def _stuck(self) -> bool:
+        """The producer answered none of its pending sends for UNANSWERED_LIMIT_S."""
+        if not self._unanswered or clock() - self._answered_at < UNANSWERED_LIMIT_S:
+            return False
+        log.warning("the Kafka producer answered none of %d sends for %.0f s; replacing it, they go out again",
+                    self._unanswered, clock() - self._answered_at)
+        return True
 
     def _commit_due(self) -> bool:
         return clock() - self._last_commit >= self.commit_interval_s
@@ -191,8 +203,15 @@ class AtLeastOnce(_Delivery):
 
     def step(self) -> None:
         self._settle()
+        if self._stuck():  # after the answers already in: a slow loop is not a stuck producer
+            self._replace_producer()
         if self._commit_due():
             self._commit(sync=False)
+
+    def _replace_producer(self) -> None:
+        """What the old producer has not answered fails over to the retry path at once, whatever it does later."""
+        super()._replace_producer()
+        self.tracker.fail_sent(Refusal.RETRY, "its producer was replaced before it answered")
 
     def _settle(self) -> None:
         while True:
@@ -200,7 +219,10 @@ class AtLeastOnce(_Delivery):
                 (tp, epoch, offset, attempt, generation), err = self._answers.get_nowait()
             except queue.Empty:
                 break
-            self._unanswered -= generation == self._generation
+            if generation != self._generation:
+                continue  # from a replaced producer: its sends were failed over when it was replaced
+            self._unanswered -= 1
+            self._answered_at = clock()
             refusal = None if err is None else self._classify(err)
             if not self.tracker.answered(tp, epoch, offset, attempt, refusal, f"{type(err).__name__}: {err}"):
                 continue  # an answer that no longer counts (stale epoch or attempt) changes nothing
@@ -210,13 +232,14 @@ class AtLeastOnce(_Delivery):
                 self._recovered()
                 self.on_delivered(self.tracker.entry(tp, epoch, offset).message)
         until = None
-        for tp, again in self.tracker.failed_rounds():
-            for entry in again:
-                if entry.refusal is Refusal.REJECTED:
-                    entry.message = rejected_dead_letter(entry, self.dlq_topic)
-            if any(entry.refusal is not None and entry.refusal is not Refusal.REJECTED for entry in again):
-                until = until or self._back_off()
-                self.tracker.hold(tp, until)
+        while rounds := self.tracker.failed_rounds():  # again after a replacement failed the others' sends over
+            for tp, again in rounds:
+                for entry in again:
+                    if entry.refusal is Refusal.REJECTED:
+                        entry.message = rejected_dead_letter(entry, self.dlq_topic)
+                if any(entry.refusal is not None and entry.refusal is not Refusal.REJECTED for entry in again):
+                    until = until or self._back_off()
+                    self.tracker.hold(tp, until)
         while True:
             try:
                 offsets, err = self._commits.get_nowait()
@@ -248,7 +271,8 @@ class AtLeastOnce(_Delivery):
         """Revoked partitions' messages in flight stay in flight; their answers no longer count."""
 
     def flush(self) -> None:
-        """Until every message is acknowledged (sent again as needed), then commit and wait for it."""
+        """Until every message is acknowledged (sent again as needed), then commit and wait for it. A commit the
+        broker does not take (it is away, the group moved on) leaves those results to be published again."""
         while self.tracker.sent() or self.tracker.ready():
             if self.interrupted():
                 raise Interrupted
@@ -256,9 +280,15 @@ class AtLeastOnce(_Delivery):
             if self.producer is not None:
                 self.producer.flush(timeout_s=1)
             self._settle()
+            if self._stuck():
+                self._replace_producer()
             time.sleep(0.01)
         self._settle()
-        self._commit(sync=True)
+        try:
+            self._commit(sync=True)
+        except Exception as err:  # noqa: BLE001 - at least once: the next owner publishes them again
+            log.warning("the last commit failed (%s: %s); the next owner publishes those results again",
+                        type(err).__name__, err)
 
 
 class ExactlyOnce(_Delivery):

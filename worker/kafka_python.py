@@ -4,9 +4,12 @@ kafka-python 3.0 runs rebalance listeners on its I/O thread, where blocking call
 async listener may await the coordinator's own commit: acknowledged offsets go out before a revoke),
 and keeps the fetch position of a partition that stays assigned across an eager rebalance, so
 records of the poll that completes a rebalance may come from that old, further-ahead position.
-`poll` therefore drops those records, restarts every newly assigned partition from its committed
-offset, and reports the events to the main thread. It also rejoins the group when it was left
-with an empty assignment (seen right after start), and steps past records it cannot decode.
+`poll` therefore drops the records of that poll for the assigned partitions and gives each a
+fresh state, so the client fetches its committed offset inside the next polls, within their
+timeouts (no call here blocks on the broker), and reports the events to the main thread. It
+also rides out a broker that is away (a retriable error ends the poll, empty), rejoins the group
+when it was left with an empty assignment (seen right after start), and steps past records it
+cannot decode.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 from kafka import AsyncConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kerr
 from kafka.admin import ConfigResource
+from kafka.consumer.subscription_state import TopicPartitionState
 from kafka.structs import OffsetAndMetadata
 
 from contract.kafka import KafkaSettings
@@ -31,6 +35,7 @@ REJOIN_AFTER_S = 10.0
 MAX_REJOINS = 3
 PROBE_S = 5.0
 REVOKE_COMMIT_MS = 5_000
+POLL_FAILING_LIMIT_S = 300.0
 REJECTED = (kerr.MessageSizeTooLargeError, kerr.RecordListTooLargeError, kerr.InvalidRecordError)
 FENCED = (kerr.ProducerFencedError, kerr.InvalidProducerEpochError, kerr.TransactionCoordinatorFencedError)
 
@@ -44,6 +49,7 @@ class KafkaPythonConsumer:
         self._last_event = time.monotonic()
         self._rejoins = 0
         self._positions: Callable[[set[TP]], dict[TP, int]] | None = None
+        self._failing_since: float | None = None  # polls end with a retriable error (the broker is away)
 
     @classmethod
     def connect(cls, settings: KafkaSettings, client_id: str, group: str, max_wait_ms: int, max_poll_records: int,
@@ -90,10 +96,10 @@ class KafkaPythonConsumer:
         self._consumer.unsubscribe()
         self.subscribe(self._topic)
 
-    def _rejoin_if_left_out(self, events: Polled) -> None:
+    def _rejoin_if_left_out(self) -> None:
         """An empty assignment that stays empty while the topic has partitions: rejoin, a few times, at
         growing intervals (an idle extra worker is left alone afterwards)."""
-        if self._consumer.assignment() or self._rejoins >= MAX_REJOINS or events.revoked or events.assigned:
+        if self._consumer.assignment() or self._rejoins >= MAX_REJOINS:
             return
         if time.monotonic() - self._last_event < REJOIN_AFTER_S * 2**self._rejoins:
             return
@@ -109,25 +115,72 @@ class KafkaPythonConsumer:
     # -- records ------------------------------------------------------------------------------------
 
     def poll(self, max_records: int, timeout_s: float) -> Polled:
+        """Records and the events of this poll's listeners. A retriable error (the broker is away) ends the
+        poll without records but with its events: the group has moved on, so must the worker."""
+        try:
+            polled = self._poll(max_records, timeout_s)
+        except kerr.KafkaError as err:
+            if not err.retriable:
+                raise
+            self._failed(err)
+            return self._events({})
+        self._recovered()
+        return polled
+
+    def _poll(self, max_records: int, timeout_s: float) -> Polled:
         try:
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max(1, max_records))
+            if not self._revoked and self._assigned is None:
+                self._rejoin_if_left_out()
         except (kerr.CorruptRecordError, kerr.UnsupportedCodecError, UnicodeDecodeError, ValueError) as err:
             self._drop_broken_fetch()
-            return Polled(records=self._step_past_unreadable(err))
+            unreadable = self._step_past_unreadable(err)
+            polled = self._events({})
+            polled.records = [r for r in unreadable if r.tp not in polled.assigned]
+            return polled
+        return self._events(batches)
+
+    def _events(self, batches: dict[TopicPartition, list[Any]]) -> Polled:
+        """Hands over the listeners' events once, with the records that still count (none of a partition just
+        assigned: they may come from the position it kept)."""
         polled = Polled()
         if self._revoked:
             polled.revoked, self._revoked = self._revoked, set()
         if self._assigned is not None:
             polled.assigned, self._assigned = self._assigned, None
-            self.seek_to_committed(polled.assigned)
         if polled.revoked or polled.assigned:  # records fetched before the rebalance completed are fetched again
             keep = self._consumer.assignment()
             batches = {tp: rs for tp, rs in batches.items()
                        if tp in keep and TP(tp.topic, tp.partition) not in polled.assigned}
+            self._restart_from_committed(polled.assigned)
         polled.records = [Record(TP(r.topic, r.partition), r.offset, r.key, r.value, list(r.headers or ()),
                                  r.timestamp) for rs in batches.values() for r in rs]
-        self._rejoin_if_left_out(polled)
         return polled
+
+    def _restart_from_committed(self, tps: set[TP]) -> None:
+        """A fresh state has no position: the client fetches the committed offset itself (the beginning when
+        none) before it fetches records again. Its cached committed-offset requests predate this assignment:
+        one left behind by a timed-out poll would be reused when the same partitions come back."""
+        subscription = self._consumer._subscription
+        with subscription._lock:
+            for tp in map(TopicPartition._make, tps):
+                if tp in subscription.assignment:
+                    subscription.assignment[tp] = TopicPartitionState()
+        self._consumer._coordinator._offset_fetch_futures.clear()
+
+    def _failed(self, err: kerr.KafkaError) -> None:
+        """Retried for up to POLL_FAILING_LIMIT_S in a row; then the error ends the worker (its replacement
+        starts clean), rather than a worker that looks alive and polls nothing."""
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.warning("polling fails (%s: %s); retrying", type(err).__name__, err)
+        elif time.monotonic() - self._failing_since > POLL_FAILING_LIMIT_S:
+            raise err
+
+    def _recovered(self) -> None:
+        if self._failing_since is not None:
+            log.info("polling works again after %.1f s", time.monotonic() - self._failing_since)
+            self._failing_since = None
 
     def pause_all(self, paused: bool) -> None:
         assigned = list(self._consumer.assignment())
@@ -136,18 +189,12 @@ class KafkaPythonConsumer:
         else:
             self._consumer.resume(*assigned)
 
-    def seek_to_committed(self, tps: set[TP]) -> None:
-        for tp in tps:
-            ktp = TopicPartition(*tp)
-            committed = self._consumer.committed(ktp)
-            if committed is None:
-                self._consumer.seek_to_beginning(ktp)
-            else:
-                self._consumer.seek(ktp, committed)
-
     def position(self, tp: TP) -> int | None:
-        state = self._consumer._subscription.position(TopicPartition(*tp))  # no I/O, unlike position()
-        return state.offset if state is not None else None
+        """No I/O, unlike KafkaConsumer.position(); None for a partition the client no longer holds."""
+        subscription = self._consumer._subscription
+        with subscription._lock:
+            state = subscription.assignment.get(TopicPartition(*tp))
+            return state.position.offset if state is not None and state.has_valid_position else None
 
     def _step_past_unreadable(self, err: Exception) -> list[Record]:
         """The client cannot decode a batch (bad CRC, a header name that is not UTF-8, an unknown codec) and

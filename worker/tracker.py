@@ -146,6 +146,16 @@ class OffsetTracker:
             part.failed = True
         return True
 
+    def fail_sent(self, refusal: Refusal, detail: str) -> None:
+        """Every send not yet answered counts as refused (at-least-once: its producer was replaced), so that
+        its round ends, failed, and goes out again."""
+        for part in self._parts.values():
+            for entry in part.entries.values():
+                if entry.state is State.SENT and entry.refusal is None:
+                    entry.refusal, entry.detail = refusal, detail
+                    part.in_flight -= 1
+                    part.failed = True
+
     def failed_rounds(self) -> list[tuple[TP, list[Entry]]]:
         """Partitions whose last round is fully answered with a failure in it, each with the entries to
         send again: from the first failed one on, in order (acknowledged ones too, so that the output
