@@ -340,6 +340,25 @@ def test_a_producer_that_answers_nothing_is_replaced_and_its_sends_go_out_again(
     everything_classified(h)
 
 
+def test_a_send_the_client_gave_up_on_replaces_the_producer_at_once():
+    """A retriable refusal reaches the worker only after the client's own retries and delivery timeout: the
+    producer is replaced at once and its other unanswered sends fail over with it (kafka-python's expired one
+    batch after a broker restart and never answered the rest, so the partitions waited for the watchdog)."""
+    h = Harness("at-least-once", max_batch_size=8, max_in_flight=64)
+    h.publish(0, 30)
+    h.publish(1, 30)
+    h.step(4, answer=False)
+    first = h.producer
+    assert len(first.waiting) > 1
+    first.refuse = lambda topic, value: Retriable("Expiring 1 record(s): 20000 ms has passed since batch creation")
+    first.answer(1)
+    first.refuse = lambda topic, value: None
+    h.step(answer=False)
+    assert h.producer is not first and first.closed and not first.waiting
+    h.run_until_idle()
+    everything_classified(h)
+
+
 def test_a_drain_with_a_producer_that_answers_nothing_ends():
     h = Harness("at-least-once", max_batch_size=8, max_in_flight=64)
     h.publish(0, 40)

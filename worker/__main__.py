@@ -48,8 +48,8 @@ SEND_BLOCK_MS = 1_000  # a send waits this long for a missing topic's metadata, 
 TRANSACTION_TIMEOUT_MS = 10_000
 BATCH_BYTES = 16_384  # kafka-python's default, kept below the output topics' max.message.bytes
 REQUEST_TIMEOUT_MS = 10_000  # a produce request to a broker that went away fails this soon
-DELIVERY_TIMEOUT_MS = 20_000  # the client gives up on a send, and the worker sends it again (a fresh
-#                               producer after three failed rounds: kafka-python's can stay stuck)
+DELIVERY_TIMEOUT_MS = 20_000  # the client gives up on a send, and the worker sends it again with a fresh
+#                               producer (kafka-python's can stay stuck); UNANSWERED_LIMIT_S lies beyond it
 
 
 def connect(config: WorkerConfig, settings: KafkaSettings,

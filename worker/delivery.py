@@ -35,9 +35,9 @@ Answer = tuple[tuple[TP, int, int, int, int], Exception | None]  # (tp, epoch, o
 RECORD_OVERHEAD = 100  # bytes a one-record batch adds around key, value and headers (at most ~90)
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
-UNANSWERED_LIMIT_S = 45.0  # past the clients' delivery timeout (20 s) and request timeout (10 s): a producer
-#                            that answers none of its sends this long is stuck (seen: kafka-python's idempotent
-#                            producer waiting for a producer id after a broker restart, its sends never expiring)
+UNANSWERED_LIMIT_S = 30.0  # past the clients' delivery timeout (20 s), within which every send is answered: a
+#                            producer that answers none of its pending sends this long is stuck (seen: kafka-python's
+#                            idempotent producer waiting for a producer id after a broker restart)
 
 
 class Interrupted(BaseException):
@@ -140,12 +140,8 @@ class _Delivery:
         return refusal
 
     def _back_off(self) -> float:
-        """Another failed round: wait longer, and replace the producer that failed (seen: kafka-python's went on
-        refusing after the broker accepted again; a fresh one starts clean). One that sent nothing yet stays."""
+        """Another failed round: wait longer."""
         self._failed_rounds += 1
-        if self._sends:
-            log.warning("replacing the Kafka producer after %d failed rounds", self._failed_rounds)
-            self._replace_producer()
         until = clock() + self._backoff
         self._backoff = min(BACKOFF_MAX_S, self._backoff * 2)
         return until
@@ -209,7 +205,9 @@ class AtLeastOnce(_Delivery):
             self._commit(sync=False)
 
     def _replace_producer(self) -> None:
-        """What the old producer has not answered fails over to the retry path at once, whatever it does later."""
+        """What the old producer has not answered fails over to the retry path at once, whatever it does later: a
+        producer that gave up on one send after its delivery timeout may never answer the others (seen:
+        kafka-python's after a broker restart), and a fresh one starts clean."""
         super()._replace_producer()
         self.tracker.fail_sent(Refusal.RETRY, "its producer was replaced before it answered")
 
@@ -227,7 +225,9 @@ class AtLeastOnce(_Delivery):
             if not self.tracker.answered(tp, epoch, offset, attempt, refusal, f"{type(err).__name__}: {err}"):
                 continue  # an answer that no longer counts (stale epoch or attempt) changes nothing
             if err is not None:
-                self._refused(err)
+                if self._refused(err) is Refusal.RETRY:
+                    log.warning("replacing the Kafka producer: it gave up on a send (%s)", type(err).__name__)
+                    self._replace_producer()
             else:
                 self._recovered()
                 self.on_delivered(self.tracker.entry(tp, epoch, offset).message)
