@@ -359,6 +359,27 @@ def test_a_send_the_client_gave_up_on_replaces_the_producer_at_once():
     everything_classified(h)
 
 
+def test_a_send_given_up_on_after_its_partition_moved_replaces_the_producer_too():
+    """A broker restart often comes with a rebalance: the refused send may belong to an old epoch. It does not
+    count for its partition, but it says the same of the producer."""
+    h = Harness("at-least-once", max_batch_size=8, max_in_flight=64)
+    h.publish(0, 30)
+    h.publish(1, 30)
+    h.step(4, answer=False)
+    first = h.producer
+    h.kafka.rebalance({0, 1})  # new epochs: every send waiting on `first` is stale
+    h.step(answer=False)
+    first.refuse = lambda topic, value: Retriable("Expiring 1 record(s)")
+    first.answer(1)
+    first.refuse = lambda topic, value: None
+    first.stuck = True  # and it answers nothing more
+    h.step(answer=False)
+    assert h.producer is not first and first.closed
+    assert h.worker.delivery.refusing_since is None  # a stale refusal is not an outage
+    h.run_until_idle()
+    everything_classified(h)
+
+
 def test_a_drain_with_a_producer_that_answers_nothing_ends():
     h = Harness("at-least-once", max_batch_size=8, max_in_flight=64)
     h.publish(0, 40)

@@ -78,13 +78,11 @@ class _Delivery:
         self.refusing_since: float | None = None  # first refusal of an outage still going on
         self._answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()
         self._backoff = BACKOFF_MIN_S
-        self._failed_rounds = 0
         self._resume_at = 0.0
         self._last_commit = clock()
         self.interrupted: Callable[[], bool] = lambda: False  # set by the loop: a second signal came
         self._generation = 0  # of the producer: answers from a replaced one do not count as this one's
         self._unanswered = 0  # sends of the current producer without an answer yet
-        self._sends = 0  # by the current producer
         self._answered_at = clock()  # the current producer's last answer, or its first send after none pending
 
     def publish(self) -> None:
@@ -102,7 +100,6 @@ class _Delivery:
             if not self._unanswered:
                 self._answered_at = now
             self._unanswered += 1
-            self._sends += 1
             if refused_at_once is not None:  # e.g. no metadata for the topic: the rest of the round waits no more
                 self._answers.put((key, refused_at_once))
                 continue
@@ -141,7 +138,6 @@ class _Delivery:
 
     def _back_off(self) -> float:
         """Another failed round: wait longer."""
-        self._failed_rounds += 1
         until = clock() + self._backoff
         self._backoff = min(BACKOFF_MAX_S, self._backoff * 2)
         return until
@@ -149,14 +145,14 @@ class _Delivery:
     def _recovered(self) -> None:
         if self.refusing_since is not None:
             log.info("publishing works again after %.1f s", clock() - self.refusing_since)
-        self.refusing_since, self._backoff, self._failed_rounds = None, BACKOFF_MIN_S, 0
+        self.refusing_since, self._backoff = None, BACKOFF_MIN_S
 
     def _replace_producer(self) -> None:
         """A fresh producer; the old one is closed at once and its answers no longer count. Under exactly-once
         the new one's initialisation aborts the old one's open transaction and fences it."""
         old, self.producer = self.producer, None
         self._generation += 1
-        self._unanswered = self._sends = 0
+        self._unanswered = 0
         if old is not None:
             old.close(timeout_s=0)
         self._producer_ready()
@@ -222,13 +218,13 @@ class AtLeastOnce(_Delivery):
             self._unanswered -= 1
             self._answered_at = clock()
             refusal = None if err is None else self._classify(err)
-            if not self.tracker.answered(tp, epoch, offset, attempt, refusal, f"{type(err).__name__}: {err}"):
-                continue  # an answer that no longer counts (stale epoch or attempt) changes nothing
-            if err is not None:
-                if self._refused(err) is Refusal.RETRY:
-                    log.warning("replacing the Kafka producer: it gave up on a send (%s)", type(err).__name__)
-                    self._replace_producer()
-            else:
+            counts = self.tracker.answered(tp, epoch, offset, attempt, refusal, f"{type(err).__name__}: {err}")
+            if counts and err is not None:  # one that no longer counts (stale epoch or attempt) is not an outage
+                self._refused(err)
+            if refusal is Refusal.RETRY:  # whether or not it counts: this producer gives up on sends
+                log.warning("replacing the Kafka producer: it gave up on a send (%s)", type(err).__name__)
+                self._replace_producer()
+            elif counts and err is None:
                 self._recovered()
                 self.on_delivered(self.tracker.entry(tp, epoch, offset).message)
         until = None
