@@ -92,13 +92,13 @@ class _Delivery:
         entries = self.tracker.release(now, self.one_round)
         if entries:
             self._before_send()
+            if not self._unanswered:
+                self._answered_at = now
         refused_at_once: Exception | None = None
         for entry in entries:
             self._fit(entry)
             message, record = entry.message, entry.record
             key = (record.tp, entry.epoch, record.offset, entry.attempt, self._generation)
-            if not self._unanswered:
-                self._answered_at = now
             self._unanswered += 1
             if refused_at_once is not None:  # e.g. no metadata for the topic: the rest of the round waits no more
                 self._answers.put((key, refused_at_once))
@@ -170,13 +170,13 @@ class _Delivery:
             self._backoff = min(BACKOFF_MAX_S, self._backoff * 2)
             return False
 
-    def _stuck(self) -> bool:
+    def _replace_if_stuck(self) -> None:
         """The producer answered none of its pending sends for UNANSWERED_LIMIT_S."""
         if not self._unanswered or clock() - self._answered_at < UNANSWERED_LIMIT_S:
-            return False
+            return
         log.warning("the Kafka producer answered none of %d sends for %.0f s; replacing it, they go out again",
                     self._unanswered, clock() - self._answered_at)
-        return True
+        self._replace_producer()
 
     def _commit_due(self) -> bool:
         return clock() - self._last_commit >= self.commit_interval_s
@@ -195,8 +195,7 @@ class AtLeastOnce(_Delivery):
 
     def step(self) -> None:
         self._settle()
-        if self._stuck():  # after the answers already in: a slow loop is not a stuck producer
-            self._replace_producer()
+        self._replace_if_stuck()  # after the answers already in: a slow loop is not a stuck producer
         if self._commit_due():
             self._commit(sync=False)
 
@@ -208,6 +207,7 @@ class AtLeastOnce(_Delivery):
         self.tracker.fail_sent(Refusal.RETRY, "its producer was replaced before it answered")
 
     def _settle(self) -> None:
+        unanswered = self._unanswered
         while True:
             try:
                 (tp, epoch, offset, attempt, generation), err = self._answers.get_nowait()
@@ -216,7 +216,6 @@ class AtLeastOnce(_Delivery):
             if generation != self._generation:
                 continue  # from a replaced producer: its sends were failed over when it was replaced
             self._unanswered -= 1
-            self._answered_at = clock()
             refusal = None if err is None else self._classify(err)
             counts = self.tracker.answered(tp, epoch, offset, attempt, refusal, f"{type(err).__name__}: {err}")
             if counts and err is not None:  # one that no longer counts (stale epoch or attempt) is not an outage
@@ -227,6 +226,8 @@ class AtLeastOnce(_Delivery):
             elif counts and err is None:
                 self._recovered()
                 self.on_delivered(self.tracker.entry(tp, epoch, offset).message)
+        if self._unanswered < unanswered:  # this producer answered (a replacement resets the count)
+            self._answered_at = clock()
         until = None
         while rounds := self.tracker.failed_rounds():  # again after a replacement failed the others' sends over
             for tp, again in rounds:
@@ -276,8 +277,7 @@ class AtLeastOnce(_Delivery):
             if self.producer is not None:
                 self.producer.flush(timeout_s=1)
             self._settle()
-            if self._stuck():
-                self._replace_producer()
+            self._replace_if_stuck()
             time.sleep(0.01)
         self._settle()
         try:
