@@ -57,7 +57,9 @@ clean:
 	ops/kafka/local-broker stop || true
 	rm -rf .local $(VENV)
 
-gpu-bundle: setup  ## what ops/bench/gpu.sh needs on a GPU machine: the uncased vocabulary and sentences
-	@mkdir -p .gpu
+gpu-bundle: setup  ## what ops/bench/gpu.sh needs on a GPU machine: the uncased vocabulary, sentences, pure-Python wheels
+	@mkdir -p .gpu/wheels
+	$(PY) -m pip download -q --no-deps -d .gpu/wheels "kafka-python==$$($(PY) -c 'import kafka; print(kafka.__version__)')" \
+	  "prometheus-client==$$($(PY) -c 'from importlib.metadata import version; print(version("prometheus-client"))')"
 	$(PY) -c "from models.encoder import offline_folder; import shutil; shutil.copy(offline_folder() / 'vocab.txt', '.gpu/vocab.txt')"
 	$(PY) -c "from models.datasets import resolve; import shutil; shutil.copy(resolve('sst2-dev'), '.gpu/dev.tsv')"

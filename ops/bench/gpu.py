@@ -1,8 +1,11 @@
 """GPU benchmark: records/s by batch size and dtype, and GPU memory, for a lent NVIDIA machine.
 
-No Kafka and no internet: an in-memory source goes through the worker's own batcher and the
-same encoder + head code. The encoder is DistilBERT with random weights (real DistilBERT
-speed), built here with the uncased vocabulary file given by --vocab.
+No broker and no internet. For each dtype and batch size: the bare model (an in-memory source cut
+by the worker's own batcher, pre-tokenized, the same encoder + head code) and, at --worker-sizes,
+the real worker loop at the same caps with Kafka replaced in memory at the client seam
+(ops/bench/seam.py: tokenizing, batcher, tracker, delivery and encoding all run as in production).
+The encoder is DistilBERT with random weights (real DistilBERT speed), built here with the uncased
+vocabulary file given by --vocab.
 
     bash ops/bench/gpu.sh            # or: python -m ops.bench.gpu --vocab VOCAB --sentences TSV
 """
@@ -26,6 +29,7 @@ from models.classifier import Classifier
 from models.encoder import POOLINGS, Encoder
 from models.head import HeadWeights, TorchHead
 from ops.bench.ceiling import measure
+from ops.bench.seam import worker_rate
 
 
 def main() -> int:
@@ -37,7 +41,10 @@ def main() -> int:
     parser.add_argument("--pooling", default="cls", choices=POOLINGS, help="as an artifact's manifest says")
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per configuration")
     parser.add_argument("--out", help="also write the figures as JSON here")
+    parser.add_argument("--worker-sizes", default="64,128,256", help="batch sizes at which the worker loop runs too")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to try the script out)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random DistilBERT (dim 32, 2 layers): on a CPU, "
+                        "the worker's own path at a near-free model")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -46,8 +53,10 @@ def main() -> int:
     texts = [r.text for r in read_reviews(args.sentences) if isinstance(r, ReviewRow)]
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     print(f"device: {device}; torch {torch.__version__}; {len(texts)} sentences", file=sys.stderr)
-    folder = save_random_distilbert(Path(tempfile.mkdtemp()) / "random-distilbert", vocab_file=Path(args.vocab))
+    folder = save_random_distilbert(Path(tempfile.mkdtemp()) / "random-distilbert", vocab_file=Path(args.vocab),
+                                    tiny=args.tiny)
     rows = []
+    worker_sizes = {int(s) for s in args.worker_sizes.split(",") if s}
     for dtype in args.dtypes.split(","):
         encoder = Encoder.load(str(folder), args.device, dtype, pooling=args.pooling)
         rng = np.random.default_rng(0)
@@ -63,9 +72,15 @@ def main() -> int:
                    "padding_efficiency": round(result.padding_efficiency, 3),
                    "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else 0.0,
                    "wall_s": round(time.perf_counter() - started, 1)}
+            through = ""
+            if size in worker_sizes:
+                count = max(8 * size, int(result.per_second * args.seconds))
+                rate, _sent = worker_rate(classifier, texts, size, size * 128, count)
+                row |= {"worker_records_per_s": round(rate, 1), "worker_vs_bare": round(rate / result.per_second, 3)}
+                through = f"  worker {rate:9.1f} records/s ({row['worker_vs_bare']:.2f} x bare)"
             rows.append(row)
             print(f"{dtype:>5} batch {size:>4}: {row['records_per_s']:9.1f} records/s  "
-                  f"peak {row['peak_gpu_mib']:8.1f} MiB  padding {row['padding_efficiency']:.3f}", flush=True)
+                  f"peak {row['peak_gpu_mib']:8.1f} MiB  padding {row['padding_efficiency']:.3f}{through}", flush=True)
         del encoder, classifier
         if cuda:
             torch.cuda.empty_cache()

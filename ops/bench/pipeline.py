@@ -160,7 +160,7 @@ class Profile:
         self.raw = stem.with_suffix(".txt")
         spy = Path(sys.executable).with_name("py-spy")
         self.proc = subprocess.Popen([str(spy), "record", "--pid", str(pid), "--format", "raw", "--threads",
-                                      "--nolineno", "--rate", "200", "-o", str(self.raw)],
+                                      "--nolineno", "--nonblocking", "--rate", "200", "-o", str(self.raw)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self, rows: int = 15) -> list[tuple[str, float, float]]:
