@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 
 from contract.kafka import CONNECT_TIMEOUT_MS, KafkaSettings
+from worker import delivery
 
 ROOT = Path(__file__).resolve().parents[1]
 # A connect-time user error ends within the client's connect timeout plus start-up (imports and the model
@@ -44,6 +46,12 @@ def labeled_sentences(n: int = 120, seed: int = 0) -> tuple[list[str], list[int]
         texts.append(f"{words[0]} ; {words[1]}")
         labels.append(label)
     return texts, labels
+
+
+@pytest.fixture(autouse=True)
+def _real_delivery_clock():
+    """tests/fakes.py's harness runs delivery on its own clock; every test starts on the real one."""
+    delivery.clock = time.monotonic
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ bundle=${GPU_BUNDLE:-.gpu}
 out=${OUT:-ops/bench/out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-wheels=$(find "$bundle/wheels" -name '*.whl' 2>/dev/null | sort | tr '\n' ':')
+wheels=""
+if [[ -d $bundle/wheels ]]; then wheels=$(find "$bundle/wheels" -name '*.whl' | sort | tr '\n' ':'); fi
 PYTHONPATH=".:$wheels" "${PYTHON:-python3}" -m ops.bench.gpu --vocab "$bundle/vocab.txt" --sentences "$bundle/dev.tsv" \
   --out "$out/gpu-results.json" "$@"
