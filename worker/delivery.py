@@ -166,8 +166,7 @@ class _Delivery:
             return True
         except Exception as err:  # noqa: BLE001 - the broker may be away; never a reason to stop
             log.warning("cannot create a Kafka producer yet (%s: %s); retrying", type(err).__name__, err)
-            self._resume_at = clock() + self._backoff
-            self._backoff = min(BACKOFF_MAX_S, self._backoff * 2)
+            self._resume_at = self._back_off()
             return False
 
     def _replace_if_stuck(self) -> None:

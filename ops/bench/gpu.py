@@ -55,7 +55,8 @@ def main() -> int:
     print(f"device: {device}; torch {torch.__version__}; {len(texts)} sentences", file=sys.stderr)
     folder = save_random_distilbert(Path(tempfile.mkdtemp()) / "random-distilbert", vocab_file=Path(args.vocab),
                                     tiny=args.tiny)
-    rows = []
+    rows: list[dict] = []
+    report = {"device": device, "torch": torch.__version__, "rows": rows}
     worker_sizes = {int(s) for s in args.worker_sizes.split(",") if s}
     for dtype in args.dtypes.split(","):
         encoder = Encoder.load(str(folder), args.device, dtype, pooling=args.pooling)
@@ -86,16 +87,12 @@ def main() -> int:
                     through = f"  worker: {err}"
             rows.append(row)
             if args.out:  # after every row: a run cut short keeps what it measured
-                Path(args.out).write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows},
-                                                     indent=2) + "\n")
+                Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
             print(f"{dtype:>5} batch {size:>4}: {row['records_per_s']:9.1f} records/s  "
                   f"peak {row['peak_gpu_mib']:8.1f} MiB  padding {row['padding_efficiency']:.3f}{through}", flush=True)
         del encoder, classifier
         if cuda:
             torch.cuda.empty_cache()
-    report = {"device": device, "torch": torch.__version__, "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
     return 0
 
