@@ -7,6 +7,7 @@ the same path that real models take.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -38,9 +39,9 @@ def save_random_distilbert(folder: Path, sentences: Iterable[str] | None = None,
     from transformers import DistilBertConfig, DistilBertModel, DistilBertTokenizerFast, PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    if vocab_file is not None:
-        tokenizer = DistilBertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True,
-                                            model_max_length=max_length)
+    if vocab_file is not None:  # from a folder: transformers 5 ignores `vocab_file=` (5 special tokens only)
+        shutil.copyfile(vocab_file, folder / "vocab.txt")
+        tokenizer = DistilBertTokenizerFast.from_pretrained(folder, do_lower_case=True, model_max_length=max_length)
     else:
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=train_wordpiece(sentences or [], 1000 if tiny else 30522),

@@ -165,3 +165,16 @@ def test_cli_user_errors_are_one_line(tmp_path):
     assert "Traceback" not in missing.stderr
     bad = run_models("train", "--data", str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "o"))
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "not found" in bad.stderr
+
+
+def test_a_random_distilbert_built_on_a_vocabulary_file_uses_all_of_it(tmp_path):
+    """Benchmarks build their random DistilBERT on the uncased vocabulary, so that token counts are real ones
+    (transformers 5 ignores `vocab_file=`: every word became [UNK])."""
+    from models.build import SPECIAL, save_random_distilbert
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join([*SPECIAL, "good", "film", "##s"]) + "\n")
+    folder = save_random_distilbert(tmp_path / "model", vocab_file=vocab, tiny=True)
+    encoder = Encoder.load(str(folder), device="cpu", dtype="fp32")
+    assert len(encoder.tokenizer) == 8 and encoder.model.config.vocab_size == 8
+    assert encoder.tokenize(["Good FILMS"]).ids == [[2, 5, 6, 7, 3]]
