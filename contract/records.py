@@ -13,7 +13,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 INPUT_TOPIC = "reviews"
 OUTPUT_TOPIC = "reviews.classified"
@@ -37,8 +37,7 @@ class DeadLetterCode(str, Enum):
     INTERNAL_ERROR = "internal_error"
 
 
-@dataclass(frozen=True)
-class Source:
+class Source(NamedTuple):  # named tuples: made for every record, they cost a third of a frozen dataclass
     topic: str
     partition: int
     offset: int
@@ -50,8 +49,7 @@ class Source:
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
 
-@dataclass(frozen=True)
-class Review:
+class Review(NamedTuple):
     """A valid input record: what the model sees plus what travels to the result."""
 
     id: str
@@ -85,6 +83,7 @@ def _finite_float(text: str) -> float:
 # built once: json.loads/dumps with options build a new decoder/encoder on every call
 _STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _RESULT_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+_string = json.encoder.encode_basestring  # how _RESULT_JSON writes a string (ensure_ascii=False)
 _LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
@@ -108,7 +107,10 @@ def _has_lone_surrogate(value: Any) -> bool:
 
 def is_blank(text: str) -> bool:
     """Nothing but whitespace, control and invisible format characters (zero-width spaces, BOMs, bidi
-    marks). Stops at the first visible character, so a real review costs next to nothing."""
+    marks). Stops at the first visible character, so a real review costs next to nothing; one that starts
+    with a letter or digit (most) costs no generator at all."""
+    if text[:1].isalnum():
+        return False
     return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)
 
 
@@ -160,6 +162,8 @@ def _json_type(value: Any) -> str:
 
 def copy_headers(headers: Any) -> Headers:
     """Input headers as the producer takes them: a null value becomes an empty one."""
+    if not headers:
+        return []
     return [(str(key), b"" if value is None else bytes(value)) for key, value in headers or ()]
 
 
@@ -178,18 +182,18 @@ def label_of(score: float) -> str:
 def encode_result(
     review: Review, score: float, model: str, source: Source, classified_at: float
 ) -> bytes:
-    """A result value; `score` is P(positive)."""
-    body: dict[str, Any] = {
-        "id": review.id,
-        "label": label_of(score),
-        "score": round(float(score), 6),
-        "model": model,
-        "source": source.as_dict(),
-        "classified_at": round(classified_at, 3),
-    }
+    """A result value; `score` is P(positive). Written out directly: the bytes `_RESULT_JSON` writes for the
+    same object, at half the cost (one is made for every record)."""
+    rounded = round(float(score), 6)
+    if not math.isfinite(rounded):
+        raise ValueError(f"score {rounded} is not a JSON number")
+    text = (f'{{"id": {_string(review.id)}, "label": "{label_of(score)}", "score": {rounded!r}, '
+            f'"model": {_string(model)}, "source": {{"topic": {_string(source.topic)}, '
+            f'"partition": {int(source.partition)}, "offset": {int(source.offset)}}}, '
+            f'"classified_at": {round(classified_at, 3)!r}')
     if review.meta:
-        body["meta"] = review.meta
-    return _RESULT_JSON.encode(body).encode("utf-8")
+        text += ', "meta": ' + _RESULT_JSON.encode(review.meta)
+    return (text + "}").encode("utf-8")
 
 
 def encode_dead_letter(rejection: Rejection, value: bytes | None, source: Source,

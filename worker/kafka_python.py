@@ -153,8 +153,9 @@ class KafkaPythonConsumer:
             batches = {tp: rs for tp, rs in batches.items()
                        if tp in keep and TP(tp.topic, tp.partition) not in polled.assigned}
             self._restart_from_committed(polled.assigned)
-        polled.records = [Record(TP(r.topic, r.partition), r.offset, r.key, r.value, list(r.headers or ()),
-                                 r.timestamp) for rs in batches.values() for r in rs]
+        for ktp, rs in batches.items():
+            tp = TP(ktp.topic, ktp.partition)
+            polled.records.extend([Record(tp, r.offset, r.key, r.value, r.headers or [], r.timestamp) for r in rs])
         return polled
 
     def _restart_from_committed(self, tps: set[TP]) -> None:

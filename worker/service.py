@@ -261,6 +261,7 @@ class Worker:
             real = sum(p.length for p in scored.batch)
             self.metrics.observe_batch(len(scored.batch), real, padded_tokens(scored.batch), scored.seconds)
             at = time.time()
+            scores = scored.scores.tolist()
             for row, pending in enumerate(scored.batch):
                 record, epoch, review = pending.payload
                 if self.tracker.entry(record.tp, epoch, record.offset) is None:
@@ -268,7 +269,7 @@ class Worker:
                 if row in scored.failed:
                     self._dead_letter(record, epoch, Rejection(DeadLetterCode.MODEL_ERROR, scored.failed[row]))
                     continue
-                score = float(scored.scores[row])
+                score = scores[row]
                 try:
                     value = encode_result(review, score, self.model_id, self._source(record), at)
                 except Exception as err:  # noqa: BLE001
