@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,16 +22,14 @@ from contract.kafka import KafkaSettings
 from contract.records import encode_review
 from contract.review_files import ReviewRow, read_reviews
 from models.artifact import load_artifact
-from models.build import save_random_distilbert
 from models.classifier import Classifier
-from models.encoder import Encoder, offline_folder
+from models.encoder import Encoder
 from ops.bench import pipeline
 from ops.bench.ceiling import measure
 from ops.bench.naive import run_naive
+from ops.bench.random_model import OUT, ROOT, random_artifact
 from ops.harness import Topics, WorkerProcess, free_port, publish, read
 
-ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "ops" / "bench" / "out"
 FALLBACK_REVIEWS = ROOT / "ops" / "demo_reviews.tsv"
 WARMUP_S = 3.0  # offered load before latency is measured (first batches of each shape are slow)
 
@@ -45,19 +42,6 @@ def sentences() -> tuple[list[str], Path]:
     folder = os.environ.get("SST2_DIR")
     path = Path(folder) / "dev.tsv" if folder and (Path(folder) / "dev.tsv").is_file() else FALLBACK_REVIEWS
     return [r.text for r in read_reviews(str(path)) if isinstance(r, ReviewRow)], path
-
-
-def random_distilbert_artifact(data: Path, texts: list[str]) -> Path:
-    """Random-weight DistilBERT (uncased vocab when the offline package has it) and a head fitted on its features."""
-    encoder_dir, artifact = OUT / "random-distilbert", OUT / "artifacts" / "random-distilbert"
-    if not (encoder_dir / "config.json").is_file():
-        vocab = offline_folder() / "vocab.txt" if offline_folder() else None
-        save_random_distilbert(encoder_dir, texts, vocab_file=vocab)
-    if not (artifact / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "models", "train", "--data", str(data), "--encoder", str(encoder_dir),
-                        "--out", str(artifact), "--limit", "300", "--dtype", "fp32"], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
-    return artifact
 
 
 def steady_rate(worker: WorkerProcess, count: int, timeout: float, what: str) -> float:
@@ -92,7 +76,7 @@ def main() -> int:
     args = parser.parse_args()
     texts, data = sentences()
     say(f"{len(texts)} sentences from {data}")
-    artifact_dir = random_distilbert_artifact(data, texts)
+    artifact_dir = random_artifact("random-distilbert", texts, data)
     artifact = load_artifact(artifact_dir)
     results: dict = {"sentences": str(data), "ceiling": [], "worker": {}, "latency": []}
 

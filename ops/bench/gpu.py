@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from sklearn.linear_model import LogisticRegression
 
 from contract.review_files import ReviewRow, read_reviews
@@ -56,10 +57,14 @@ def main() -> int:
     folder = save_random_distilbert(Path(tempfile.mkdtemp()) / "random-distilbert", vocab_file=Path(args.vocab),
                                     tiny=args.tiny)
     rows: list[dict] = []
-    report = {"device": device, "torch": torch.__version__, "rows": rows}
+    vocabulary = len(Path(args.vocab).read_text(encoding="utf-8").splitlines())  # all in the tokenizer
+    report = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+              "vocabulary": vocabulary, "rows": rows}
     worker_sizes = {int(s) for s in args.worker_sizes.split(",") if s}
     for dtype in args.dtypes.split(","):
         encoder = Encoder.load(str(folder), args.device, dtype, pooling=args.pooling)
+        if len(encoder.tokenizer) != vocabulary:
+            raise SystemExit(f"error: the tokenizer has {len(encoder.tokenizer)} tokens, {args.vocab} {vocabulary}")
         rng = np.random.default_rng(0)
         estimator = LogisticRegression().fit(rng.normal(size=(64, encoder.hidden_size)), np.arange(64) % 2)
         classifier = Classifier(encoder, TorchHead(HeadWeights.of(estimator), encoder.device))

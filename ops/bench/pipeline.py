@@ -31,10 +31,9 @@ from pathlib import Path
 from contract.kafka import KafkaSettings
 from contract.records import encode_review
 from contract.review_files import ReviewRow, read_reviews
+from ops.bench.random_model import OUT, ROOT, random_artifact
 from ops.harness import Topics, WorkerProcess, free_port, publish
 
-ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "ops" / "bench" / "out"
 CLIENTS = ("kafka-python", "confluent")
 GPU_CAPS = ("--max-batch-size", "256", "--max-batch-tokens", "65536")
 POLL_RECORDS = 500
@@ -57,33 +56,17 @@ def sentences(count: int) -> list[str]:
     return (texts * (count // len(texts) + 1))[:count]
 
 
-def tiny_artifact(texts: list[str]) -> Path:
-    """A tiny random DistilBERT with the uncased vocabulary (when the offline package has it, so tokenizing
-    costs what it costs for the real model) and a logistic head fitted on its features."""
-    from models.build import save_random_distilbert
-    from models.encoder import offline_folder
-
-    encoder_dir, artifact = OUT / "tiny-distilbert", OUT / "artifacts" / "tiny-distilbert"
-    if not (encoder_dir / "config.json").is_file():
-        vocab = offline_folder() / "vocab.txt" if offline_folder() else None
-        save_random_distilbert(encoder_dir, texts[:5000], vocab_file=vocab, tiny=True)
-    if not (artifact / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "models", "train", "--data", str(review_files()[-1]), "--encoder",
-                        str(encoder_dir), "--out", str(artifact), "--limit", "300", "--dtype", "fp32"], cwd=ROOT,
-                       check=True, stdout=subprocess.DEVNULL)
-    return artifact
-
-
 # -- each client's own loop ----------------------------------------------------------------------------
 
 
 def kafka_python_loop(settings: KafkaSettings, topics: Topics, count: int) -> float:
     from kafka import KafkaConsumer, KafkaProducer
 
+    from worker.__main__ import BATCH_BYTES  # the worker's producer settings, so the ratio is the worker's own path
     consumer = KafkaConsumer(topics.input, **settings.client_config("bench-loop"), group_id=topics.group,
                              auto_offset_reset="earliest", enable_auto_commit=False,
                              isolation_level="read_committed", max_poll_records=POLL_RECORDS)
-    producer = KafkaProducer(**settings.client_config("bench-loop"), acks="all", linger_ms=2)
+    producer = KafkaProducer(**settings.client_config("bench-loop"), acks="all", linger_ms=2, batch_size=BATCH_BYTES)
     done, started = 0, None
     while done < count:
         polled = consumer.poll(timeout_ms=100)
@@ -207,7 +190,7 @@ def budget(artifact: Path, texts: list[str]) -> dict:
 def run(settings: KafkaSettings, count: int, partitions: int, clients: tuple[str, ...], profile: bool = False) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     texts = sentences(count)
-    artifact = tiny_artifact(texts)
+    artifact = random_artifact("tiny-distilbert", texts[:5000], review_files()[-1], tiny=True)
     run_id = f"pipeline{int(time.time())}"
     source = Topics.prefixed(settings, f"{run_id}.in").create(partitions)
     say(f"publishing {count} records on {partitions} partitions")
