@@ -184,13 +184,13 @@ def encode_result(
 ) -> bytes:
     """A result value; `score` is P(positive). Written out directly: the bytes `_RESULT_JSON` writes for the
     same object, at half the cost (one is made for every record)."""
-    rounded = round(float(score), 6)
-    if not math.isfinite(rounded):
-        raise ValueError(f"score {rounded} is not a JSON number")
+    rounded, at = round(float(score), 6), round(float(classified_at), 3)
+    if not (math.isfinite(rounded) and math.isfinite(at)):
+        raise ValueError(f"score {rounded} or time {at} is not a JSON number")
     text = (f'{{"id": {_string(review.id)}, "label": "{label_of(score)}", "score": {rounded!r}, '
             f'"model": {_string(model)}, "source": {{"topic": {_string(source.topic)}, '
             f'"partition": {int(source.partition)}, "offset": {int(source.offset)}}}, '
-            f'"classified_at": {round(classified_at, 3)!r}')
+            f'"classified_at": {at!r}')
     if review.meta:
         text += ', "meta": ' + _RESULT_JSON.encode(review.meta)
     return (text + "}").encode("utf-8")

@@ -88,10 +88,10 @@ def test_a_result_is_written_as_the_json_encoder_writes_it(review_id, score, mod
     assert written == json.dumps(body, ensure_ascii=False).encode("utf-8")
 
 
-def test_a_score_that_is_not_a_json_number_cannot_be_written():
-    for score in (float("nan"), float("inf")):
+def test_a_score_or_time_that_is_not_a_json_number_cannot_be_written():
+    for score, at in ((float("nan"), 1.0), (float("inf"), 1.0), (0.5, float("inf"))):
         with pytest.raises(ValueError, match="not a JSON number"):
-            encode_result(Review("r", "t", None), score, "m", SRC, 1.0)
+            encode_result(Review("r", "t", None), score, "m", SRC, at)
 
 
 @given(st.text(min_size=1), st.text(min_size=1), st.dictionaries(st.text().filter(lambda k: k not in ("id", "text")),

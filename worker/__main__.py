@@ -48,6 +48,7 @@ SEND_BLOCK_MS = 1_000  # a send waits this long for a missing topic's metadata, 
 TRANSACTION_TIMEOUT_MS = 10_000
 BATCH_BYTES = 262_144  # a partition's round of results in one batch (kafka-python's 16 KiB default split it in
 #                        four: 20 % fewer records/s); kept below the output topics' max.message.bytes
+UNKNOWN_LIMIT = 16_384 + 512  # a topic's max.message.bytes not known yet: batches of kafka-python's default size
 REQUEST_TIMEOUT_MS = 10_000  # a produce request to a broker that went away fails this soon
 DELIVERY_TIMEOUT_MS = 20_000  # the client gives up on a send, and the worker sends it again with a fresh
 #                               producer (kafka-python's can stay stuck); UNANSWERED_LIMIT_S lies beyond it
@@ -61,7 +62,7 @@ def connect(config: WorkerConfig, settings: KafkaSettings,
     exactly_once = config.guarantee == "exactly-once"
 
     def make_producer(block_ms: int = SEND_BLOCK_MS) -> KafkaProducer:
-        smallest = min(limits.get(t) or BATCH_BYTES for t in (config.output_topic, config.dlq_topic))
+        smallest = min(limits.get(t) or UNKNOWN_LIMIT for t in (config.output_topic, config.dlq_topic))
         return KafkaProducer(
             **{**base, "request_timeout_ms": REQUEST_TIMEOUT_MS}, acks="all", enable_idempotence=True, linger_ms=2,
             max_block_ms=block_ms,
