@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.partitioner.sticky import StickyPartitioner
 
 from contract.cli import UserError, run
 from contract.kafka import KafkaSettings, explain_connection_error
@@ -65,6 +66,7 @@ def connect(config: WorkerConfig, settings: KafkaSettings,
         smallest = min(limits.get(t) or UNKNOWN_LIMIT for t in (config.output_topic, config.dlq_topic))
         return KafkaProducer(
             **{**base, "request_timeout_ms": REQUEST_TIMEOUT_MS}, acks="all", enable_idempotence=True, linger_ms=2,
+            partitioner=StickyPartitioner(),  # keyless: a partition per batch (KIP-480), as Java and librdkafka do
             max_block_ms=block_ms,
             batch_size=max(1024, min(BATCH_BYTES, smallest - 512)), delivery_timeout_ms=DELIVERY_TIMEOUT_MS,
             max_request_size=max(1 << 20, 2 * config.max_record_bytes),
