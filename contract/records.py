@@ -164,7 +164,7 @@ def copy_headers(headers: Any) -> Headers:
     """Input headers as the producer takes them: a null value becomes an empty one."""
     if not headers:
         return []
-    return [(str(key), b"" if value is None else bytes(value)) for key, value in headers or ()]
+    return [(str(key), b"" if value is None else bytes(value)) for key, value in headers]
 
 
 def encode_review(review_id: str, text: str, meta: dict[str, Any] | None = None) -> bytes:

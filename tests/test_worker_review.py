@@ -19,7 +19,7 @@ from kafka.structs import TopicPartition
 from tests.fakes import DLQ, OUT, Harness, Retriable, TooLarge
 from worker.clients import TP, Record
 from worker.delivery import AtLeastOnce, Interrupted
-from worker.kafka_python import KafkaPythonProducer
+from worker.kafka_python import BATCH_BYTES, KafkaPythonProducer, producer_throughput
 from worker.tracker import OffsetTracker, Outgoing
 
 GUARANTEES = ["at-least-once", "exactly-once"]
@@ -176,3 +176,13 @@ def test_a_late_refusal_of_a_revoked_partitions_send_does_not_mark_an_idle_worke
     h.step(3)
     assert not len(h.worker.tracker)
     assert h.worker.health.refusing_since is None, "an idle worker whose sends all count is marked as refusing"
+
+
+def test_producer_batches_stay_below_the_smallest_known_topic_limit():
+    """256 KiB batches where the output topics take them; kafka-python's 16 KiB while a limit is unknown (a
+    bigger batch than the topic takes is split and retried by the client)."""
+    assert producer_throughput()["batch_size"] == BATCH_BYTES
+    assert producer_throughput([1_048_588, 1_048_588])["batch_size"] == BATCH_BYTES
+    assert producer_throughput([1_048_588, 100_000])["batch_size"] == 100_000 - 512
+    assert producer_throughput([1_048_588, None])["batch_size"] == 16_384
+    assert producer_throughput()["partitioner"] is not producer_throughput()["partitioner"]  # one per producer

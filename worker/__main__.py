@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
-from kafka.partitioner.sticky import StickyPartitioner
 
 from contract.cli import UserError, run
 from contract.kafka import KafkaSettings, explain_connection_error
@@ -39,7 +38,7 @@ from worker.clients import ConsumerClient, ProducerClient
 from worker.config import WorkerConfig, parse_args
 from worker.delivery import AtLeastOnce, ExactlyOnce, Interrupted
 from worker.inference import DeviceBroken, InferenceStage
-from worker.kafka_python import KafkaPythonConsumer, KafkaPythonProducer, TopicLimits
+from worker.kafka_python import KafkaPythonConsumer, KafkaPythonProducer, TopicLimits, producer_throughput
 from worker.metrics import Health, LagMonitor, WorkerMetrics, serve
 from worker.service import Worker
 
@@ -47,9 +46,6 @@ log = logging.getLogger("worker")
 TOPIC_WAIT_MS = 15_000
 SEND_BLOCK_MS = 1_000  # a send waits this long for a missing topic's metadata, then it is retried later
 TRANSACTION_TIMEOUT_MS = 10_000
-BATCH_BYTES = 262_144  # a partition's round of results in one batch (kafka-python's 16 KiB default split it in
-#                        four: 20 % fewer records/s); kept below the output topics' max.message.bytes
-UNKNOWN_LIMIT = 16_384 + 512  # a topic's max.message.bytes not known yet: batches of kafka-python's default size
 REQUEST_TIMEOUT_MS = 10_000  # a produce request to a broker that went away fails this soon
 DELIVERY_TIMEOUT_MS = 20_000  # the client gives up on a send, and the worker sends it again with a fresh
 #                               producer (kafka-python's can stay stuck); UNANSWERED_LIMIT_S lies beyond it
@@ -63,12 +59,10 @@ def connect(config: WorkerConfig, settings: KafkaSettings,
     exactly_once = config.guarantee == "exactly-once"
 
     def make_producer(block_ms: int = SEND_BLOCK_MS) -> KafkaProducer:
-        smallest = min(limits.get(t) or UNKNOWN_LIMIT for t in (config.output_topic, config.dlq_topic))
         return KafkaProducer(
-            **{**base, "request_timeout_ms": REQUEST_TIMEOUT_MS}, acks="all", enable_idempotence=True, linger_ms=2,
-            partitioner=StickyPartitioner(),  # keyless: a partition per batch (KIP-480), as Java and librdkafka do
-            max_block_ms=block_ms,
-            batch_size=max(1024, min(BATCH_BYTES, smallest - 512)), delivery_timeout_ms=DELIVERY_TIMEOUT_MS,
+            **{**base, "request_timeout_ms": REQUEST_TIMEOUT_MS},
+            **producer_throughput([limits.get(t) for t in (config.output_topic, config.dlq_topic)]),
+            enable_idempotence=True, max_block_ms=block_ms, delivery_timeout_ms=DELIVERY_TIMEOUT_MS,
             max_request_size=max(1 << 20, 2 * config.max_record_bytes),
             **({"transactional_id": config.transactional_id, "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS}
                if exactly_once else {}))

@@ -61,14 +61,12 @@ def sentences(count: int) -> list[str]:
 
 def kafka_python_loop(settings: KafkaSettings, topics: Topics, count: int) -> float:
     from kafka import KafkaConsumer, KafkaProducer
-    from kafka.partitioner.sticky import StickyPartitioner
 
-    from worker.__main__ import BATCH_BYTES  # the worker's producer settings, so the ratio is the worker's own path
+    from worker.kafka_python import producer_throughput  # the worker's, so the ratio is the worker's own path
     consumer = KafkaConsumer(topics.input, **settings.client_config("bench-loop"), group_id=topics.group,
                              auto_offset_reset="earliest", enable_auto_commit=False,
                              isolation_level="read_committed", max_poll_records=POLL_RECORDS)
-    producer = KafkaProducer(**settings.client_config("bench-loop"), acks="all", linger_ms=2, batch_size=BATCH_BYTES,
-                             partitioner=StickyPartitioner())
+    producer = KafkaProducer(**settings.client_config("bench-loop"), **producer_throughput())
     done, started = 0, None
     while done < count:
         polled = consumer.poll(timeout_ms=100)

@@ -20,7 +20,8 @@ def random_artifact(name: str, texts: list[str], data: Path, tiny: bool = False)
     """Built once under ops/bench/out/; built again when a folder lacks the vocabulary file (made before
     transformers 5 was handled: every word was [UNK])."""
     encoder_dir, artifact = OUT / name, OUT / "artifacts" / name
-    vocab = offline_folder() / "vocab.txt" if offline_folder() else None
+    packaged = offline_folder()
+    vocab = packaged / "vocab.txt" if packaged else None
     if not (encoder_dir / "config.json").is_file() or (vocab and not (encoder_dir / "vocab.txt").is_file()):
         shutil.rmtree(encoder_dir, ignore_errors=True)
         shutil.rmtree(artifact, ignore_errors=True)
