@@ -5,7 +5,14 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.batcher import STARVATION_S, BatchCaps, Pending, next_batch, padded_tokens
+from worker.batcher import STARVATION_S, BatchCaps, BatchQueue, Pending, padded_tokens
+
+
+def next_batch(pool, caps, now, device_busy=False):
+    """What a queue holding `pool` serves first."""
+    queue = BatchQueue(caps)
+    queue.append(pool)
+    return queue.take(now, device_busy)
 
 
 def pending(length, arrived=0.0, n=[0]):  # noqa: B006 - a counter for unique keys
@@ -50,17 +57,51 @@ def test_oldest_record_is_served_first():
     assert old in batch
 
 
-@given(st.lists(st.integers(1, 64), min_size=1, max_size=200), st.integers(1, 16), st.integers(64, 512))
-def test_caps_always_hold_and_every_record_is_served(lengths, size, tokens):
+def greedy_cut(pool, caps):
+    """The batches of the plain greedy rule, one row at a time: the queue's bisection must find the same."""
+    batches, current = [], []
+    for p in sorted(pool, key=lambda p: p.length):
+        if current and (len(current) + 1 > caps.max_size or (len(current) + 1) * p.length > caps.max_tokens):
+            batches.append(current)
+            current = []
+        current.append(p)
+    return batches + [current] if current else batches
+
+
+@given(st.lists(st.lists(st.integers(1, 64), min_size=1, max_size=60), min_size=1, max_size=5),
+       st.integers(1, 16), st.integers(64, 512), st.randoms())
+def test_caps_always_hold_and_every_record_is_served_once(chunks, size, tokens, rng):
+    """Appends between takes, as polls arrive while batches leave: every record once, within the caps, each batch
+    one of the greedy cut of what was waiting."""
     caps = BatchCaps(size, tokens, 0.0)
-    pool = [pending(n) for n in lengths]
-    served = 0
-    while pool:
-        batch = next_batch(pool, caps, now=1.0)
-        assert batch and len(batch) <= size and padded_tokens(batch) <= tokens
-        served += len(batch)
-        pool = [p for p in pool if p not in batch]
-    assert served == len(lengths)
+    queue, waiting, served = BatchQueue(caps), [], []
+    for lengths in chunks:
+        fresh = [pending(n) for n in lengths]
+        queue.append(fresh)
+        waiting += fresh
+        for _ in range(rng.randint(0, 3)):
+            batch = queue.take(now=1.0)
+            if batch is None:
+                break
+            assert batch in greedy_cut(waiting, caps)
+            assert len(batch) <= size and padded_tokens(batch) <= tokens
+            waiting = [p for p in waiting if p not in batch]
+            served += batch
+    while batch := queue.take(now=1.0):
+        served += batch
+    assert len(queue) == 0
+    assert len(served) == sum(map(len, chunks)) == len({p.key for p in served})
+
+
+def test_dropped_partitions_leave_the_queue_and_the_deadline_follows_the_oldest():
+    queue = BatchQueue(CAPS)
+    kept, gone = Pending(("a", 1), [1] * 5, 2.0), Pending(("b", 1), [1] * 5, 1.0)
+    queue.append([kept, gone])
+    assert queue.deadline() == 1.0 + CAPS.max_wait_s
+    queue.drop({"b"})
+    assert len(queue) == 1 and queue.deadline() == 2.0 + CAPS.max_wait_s
+    assert queue.take(now=2.01) is None and queue.take(now=2.01, force=True) == [kept]
+    assert queue.deadline() is None
 
 
 def test_busy_device_gets_closed_batches_first_but_the_oldest_never_starves():

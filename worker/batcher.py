@@ -1,15 +1,20 @@
-"""Token-budget batching of the records at hand, after Hugging Face TEI's queue.
+"""Token-budget batching of the records at hand, after Hugging Face TEI's queue (`core/src/queue.rs`).
 
-Records are sorted by token length and cut greedily into batches that respect both
-caps (rows and padded tokens = rows × longest row). A batch goes to the device once
-a cap closed it, or once `max_wait` passed since its first record arrived; the oldest
-record's batch is served first, so no record (and no partition behind it) starves.
+`BatchQueue` owns the records waiting for the device, kept sorted by token length, and cuts
+them greedily into batches that respect both caps (rows and padded tokens = rows × longest
+row). A batch goes to the device once a cap closed it, or once `max_wait` passed since its
+first record arrived; the oldest record's batch is served first, so no record (and no
+partition behind it) starves.
+
+The cut is kept between changes and found by bisection over the sorted lengths (a few steps
+per batch), so a step that takes nothing costs next to nothing however many records wait:
+the worker asks on every loop step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 STARVATION_S = 0.25  # longest a partial batch holding the oldest record waits behind full ones
@@ -22,7 +27,7 @@ class BatchCaps:
     max_wait_s: float
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A valid record waiting for the device."""
 
@@ -31,48 +36,101 @@ class Pending:
     arrived: float
     payload: Any = None
     seq: int = 0  # arrival order: breaks ties between records of one poll, keeping offset order
+    length: int = field(init=False)
 
-    @property
-    def length(self) -> int:
-        return len(self.ids)
+    def __post_init__(self) -> None:
+        self.length = len(self.ids)
 
 
 def padded_tokens(batch: Sequence[Pending]) -> int:
     return len(batch) * max((p.length for p in batch), default=0)
 
 
-def _cut(ordered: list[Pending], caps: BatchCaps) -> list[tuple[list[Pending], bool]]:
-    """Greedy batches over length-sorted records, each with whether a cap closed it."""
-    batches: list[tuple[list[Pending], bool]] = []
-    current: list[Pending] = []
-    for record in ordered:
-        rows = len(current) + 1
-        if current and (rows > caps.max_size or rows * record.length > caps.max_tokens):
-            batches.append((current, True))
-            current = []
-        current.append(record)
-    if current:
-        longest = current[-1].length
-        full = len(current) >= caps.max_size or (len(current) + 1) * longest > caps.max_tokens
-        batches.append((current, full))
-    return batches
+@dataclass(slots=True)
+class _Cut:
+    start: int
+    end: int
+    full: bool  # a cap closed it
+    oldest: tuple[float, int]  # (arrived, seq) of its oldest record
 
 
-def next_batch(pool: Sequence[Pending], caps: BatchCaps, now: float, device_busy: bool = False) -> list[Pending] | None:
-    """The batch to run next, or None.
+class BatchQueue:
+    def __init__(self, caps: BatchCaps) -> None:
+        self.caps = caps
+        self._items: list[Pending] = []  # sorted by length; ties in arrival order
+        self._cuts: list[_Cut] | None = None  # None: to be cut again
 
-    The batch holding the oldest record goes first once a cap closed it or its wait expired; while
-    the device is busy a partial batch waits (records arriving meanwhile can still join) unless its
-    oldest record has starved for STARVATION_S. Otherwise any closed batch, oldest first, may go."""
-    if not pool:
-        return None
-    batches = [(min(map(_age, batch)), batch, full) for batch, full in _cut(sorted(pool, key=_length), caps)]
-    first, batch, full = min(batches, key=lambda item: item[0])
-    waited = now - first[0]
-    if full or (waited >= caps.max_wait_s and (not device_busy or waited >= caps.max_wait_s + STARVATION_S)):
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def append(self, items: Iterable[Pending]) -> None:
+        self._items.extend(items)
+        self._items.sort(key=_length)  # stable, and mostly sorted already: ties keep arrival order
+        self._cuts = None
+
+    def drop(self, partitions: set[Any]) -> None:
+        """Forget the records of these partitions (revoked, or assigned again)."""
+        kept = [p for p in self._items if p.key[0] not in partitions]
+        if len(kept) != len(self._items):
+            self._items, self._cuts = kept, None
+
+    def deadline(self) -> float | None:
+        """When the oldest waiting record's batch must go, at the latest."""
+        cuts = self._cut()
+        return min(c.oldest for c in cuts)[0] + self.caps.max_wait_s if cuts else None
+
+    def take(self, now: float, device_busy: bool = False, force: bool = False) -> list[Pending] | None:
+        """The batch to run next, or None.
+
+        The batch holding the oldest record goes first once a cap closed it or its wait expired; while the
+        device is busy a partial batch waits (records arriving meanwhile can still join) unless its oldest
+        record has starved for STARVATION_S. Otherwise any closed batch, oldest first, may go. `force`
+        (a drain): any batch goes now, the oldest first."""
+        cuts = self._cut()
+        if not cuts:
+            return None
+        first = min(cuts, key=_oldest)
+        waited = now - first.oldest[0]
+        wait = self.caps.max_wait_s
+        if not (force or first.full or (waited >= wait and (not device_busy or waited >= wait + STARVATION_S))):
+            closed = [c for c in cuts if c.full]
+            if not closed:
+                return None
+            first = min(closed, key=_oldest)
+        batch = self._items[first.start:first.end]
+        del self._items[first.start:first.end]
+        # the greedy cut of what is left: the same batches, those after the taken one shifted down
+        taken = first.end - first.start
+        self._cuts = [c if c.start < first.start else _Cut(c.start - taken, c.end - taken, c.full, c.oldest)
+                      for c in cuts if c is not first]
         return batch
-    closed = [item for item in batches if item[2]]
-    return min(closed, key=lambda item: item[0])[1] if closed else None
+
+    def _cut(self) -> list[_Cut]:
+        """Greedy batches over the length-sorted records: each ends at the last row that keeps both caps
+        (rows × the longest row grows with each row, so bisection finds it)."""
+        if self._cuts is not None:
+            return self._cuts
+        items, caps = self._items, self.caps
+        lengths = [p.length for p in items]
+        cuts: list[_Cut] = []
+        start = 0
+        while start < len(items):
+            # the longest run from `start` with (rows) * lengths[end - 1] <= max_tokens, at most max_size rows
+            low, high = start + 1, min(len(items), start + caps.max_size)
+            while low < high:
+                middle = (low + high + 1) // 2
+                if (middle - start) * lengths[middle - 1] <= caps.max_tokens:
+                    low = middle
+                else:
+                    high = middle - 1
+            end = low
+            rows, longest = end - start, lengths[end - 1]
+            # closed: the next record did not fit, or (the last batch) no record could join it
+            full = end < len(items) or rows >= caps.max_size or (rows + 1) * longest > caps.max_tokens
+            cuts.append(_Cut(start, end, full, min(map(_age, items[start:end]))))
+            start = end
+        self._cuts = cuts
+        return cuts
 
 
 def _length(p: Pending) -> int:
@@ -83,6 +141,6 @@ def _age(p: Pending) -> tuple[float, int]:
     return p.arrived, p.seq
 
 
-def next_deadline(pool: Sequence[Pending], caps: BatchCaps) -> float | None:
-    """When the oldest waiting record's batch must go, at the latest."""
-    return min(p.arrived for p in pool) + caps.max_wait_s if pool else None
+def _oldest(cut: _Cut) -> tuple[float, int]:
+    return cut.oldest
+

@@ -15,6 +15,7 @@ GUARANTEES = ("at-least-once", "exactly-once")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 KAFKA_CLIENTS = ("kafka-python", "confluent")
+IN_FLIGHT_BATCHES = 32  # --max-in-flight by default: with fewer, a length-sorted round leaves the device idle
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,9 @@ class WorkerConfig:
                                                "(default: 8192 on a CPU, 32768 on CUDA)")
     max_wait_ms: int = option(25, "a batch closes this long after its first record arrived")
     max_record_bytes: int = option(DEFAULT_MAX_RECORD_BYTES, "larger values are dead letters (too_large)")
-    max_in_flight: int = option(2048, "records held between poll and commit, at most")
+    max_in_flight: int | None = option(help="records held between poll and commit, at most (default: "
+                                            "--max-batch-size x 32, so that several batches wait sorted for the "
+                                            "device while earlier ones are published: 2048 on a CPU, 8192 on CUDA)")
     max_in_flight_bytes: int = option(64 << 20, "input bytes held between poll and commit, at most")
     guarantee: str = option("at-least-once", "delivery guarantee", GUARANTEES)
     commit_interval_ms: int = option(100, "pace of commits (and transactions)")
@@ -58,7 +61,7 @@ class WorkerConfig:
         for name in ("max_batch_size", "max_batch_tokens", "max_record_bytes", "max_in_flight", "max_in_flight_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_in_flight < (self.max_batch_size or 0):
+        if self.max_in_flight is not None and self.max_in_flight < (self.max_batch_size or 0):
             raise UserError(f"--max-in-flight ({self.max_in_flight}) must be at least --max-batch-size "
                             f"({self.max_batch_size}; 256 by default on CUDA)")
         if self.max_device_failures < 1:
@@ -70,8 +73,9 @@ class WorkerConfig:
 
     def with_batch_caps(self, rows: int, tokens: int) -> WorkerConfig:
         """Caps left unset take the device's defaults (the model decides them: `Classifier.max_rows/max_tokens`)."""
-        return replace(self, max_batch_size=self.max_batch_size or rows,
-                       max_batch_tokens=self.max_batch_tokens or tokens)
+        rows = self.max_batch_size or rows
+        return replace(self, max_batch_size=rows, max_batch_tokens=self.max_batch_tokens or tokens,
+                       max_in_flight=self.max_in_flight or IN_FLIGHT_BATCHES * rows)
 
     @property
     def instance(self) -> str:

@@ -3,7 +3,7 @@
 record's path, top to bottom:
 
     poll ─ events: revoked → drop that work (abort the transaction) · assigned → new epoch
-         └ records → decode/validate ─▶ tokenize ─▶ pool ─▶ next_batch ─▶ device (encoder + head)
+         └ records → decode/validate ─▶ tokenize ─▶ batch queue ──────▶ device (encoder + head)
                 └── dead letters ──┐                                          │
     commit ◀─ answers ◀─ send ◀─ tracker (partition order, epoch) ◀─ result ◀─┘
 
@@ -30,7 +30,7 @@ from contract.records import (
     encode_result,
     label_of,
 )
-from worker.batcher import BatchCaps, Pending, next_batch, next_deadline, padded_tokens
+from worker.batcher import BatchCaps, BatchQueue, Pending, padded_tokens
 from worker.clients import TP, ConsumerClient, Polled, Record
 from worker.config import WorkerConfig
 from worker.delivery import AtLeastOnce, Interrupted
@@ -53,14 +53,13 @@ class Worker:
         self.config, self.model_id = config, model_id
         self.tokenizing = TokenizingStage(tokenize)
         self.inference, self.metrics, self.health, self.consumer = inference, metrics, health, consumer
-        self.caps = BatchCaps(config.max_batch_size, config.max_batch_tokens, config.max_wait_ms / 1000)
+        self.pool = BatchQueue(BatchCaps(config.max_batch_size, config.max_batch_tokens, config.max_wait_ms / 1000))
         self.tracker = OffsetTracker()
         metrics.in_hand.set_function(lambda: len(self.tracker))
         self.delivery = make_delivery(self.tracker, self._delivered)
         self.delivery.interrupted = lambda: self.interrupted
         self._owner = threading.Lock()  # held by the loop except while it polls: see _before_revoke
         consumer.before_revoke(self._before_revoke)
-        self.pool: list[Pending] = []
         self.paused: bool | None = False
         self.stopping = False
         self.interrupted = False
@@ -164,7 +163,7 @@ class Worker:
         the pool's deadline."""
         if (self.pool and self.inference.busy) or self.tokenizing.busy:
             return 0.005
-        deadline = next_deadline(self.pool, self.caps)
+        deadline = self.pool.deadline()
         if deadline is None:
             return IDLE_POLL_S
         return max(0.0, min(IDLE_POLL_S, deadline - time.monotonic()))
@@ -204,7 +203,7 @@ class Worker:
             self._owner.release()
 
     def _drop(self, partitions: set[TP]) -> None:
-        self.pool = [p for p in self.pool if p.key[0] not in partitions]
+        self.pool.drop(partitions)
 
     def _accept(self, records: list[Record]) -> None:
         """Decode, and hand the valid ones to the tokenizer; any record that fails here becomes its dead
@@ -232,6 +231,7 @@ class Worker:
     def _pool(self, done: list[Tokenized]) -> None:
         """Tokenized records join the batcher's pool, in the order they were polled, unless their partition
         was let go meanwhile; a text the tokenizer failed on is a dead letter."""
+        pending: list[Pending] = []
         for tokenized in done:
             for i, (record, epoch, review, arrived) in enumerate(tokenized.items):
                 if self.tracker.entry(record.tp, epoch, record.offset) is None:
@@ -242,18 +242,17 @@ class Worker:
                 if tokenized.truncated[i]:
                     self.metrics.truncated.inc()
                 self.arrivals += 1
-                self.pool.append(Pending((record.tp, record.offset), tokenized.ids[i], arrived, (record, epoch, review),
-                                         self.arrivals))
+                pending.append(Pending((record.tp, record.offset), tokenized.ids[i], arrived, (record, epoch, review),
+                                       self.arrivals))
+        if pending:
+            self.pool.append(pending)
 
     def _dispatch(self, force: bool) -> None:
-        """Keep up to the inference depth queued; `next_batch` decides which batch may go."""
+        """Keep up to the inference depth queued; the batch queue decides which batch may go."""
         while self.pool and self.inference.has_room():
-            caps = BatchCaps(self.caps.max_size, self.caps.max_tokens, 0.0) if force else self.caps
-            batch = next_batch(self.pool, caps, time.monotonic(), device_busy=bool(self.inference.busy) and not force)
+            batch = self.pool.take(time.monotonic(), device_busy=bool(self.inference.busy), force=force)
             if batch is None:
                 return
-            chosen = {id(p) for p in batch}
-            self.pool = [p for p in self.pool if id(p) not in chosen]
             self.inference.submit(batch)
 
     def _take_scores(self, done: list[Scored]) -> None:

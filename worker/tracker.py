@@ -8,7 +8,6 @@ that was on the device while its partition moved away and came back) is dropped,
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -35,7 +34,7 @@ class Outgoing:
     keep_headers: bool = True  # the input record's headers travel with it
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     record: Record
     epoch: int
@@ -46,15 +45,47 @@ class Entry:
     detail: str = ""
 
 
-@dataclass
+COMPACT_AFTER = 4096  # let-go entries kept at the front of a partition's list before it is cut
+
+
+@dataclass(slots=True)
 class _Partition:
+    """Entries in offset order in `entries[base:]` (the ones before `base` were let go). Two cursors make each
+    step's work proportional to what changed, not to what is in hand: every entry before `sent_to` is SENT or
+    ACKED, every entry before `acked_to` is ACKED. They only move forward, except when a failure sends entries
+    again (then they move back to the first of those)."""
+
     epoch: int
-    entries: OrderedDict[int, Entry] = field(default_factory=OrderedDict)
+    entries: list[Entry] = field(default_factory=list)
+    by_offset: dict[int, Entry] = field(default_factory=dict)
+    base: int = 0
+    sent_to: int = 0
+    acked_to: int = 0
     done_to: int | None = None  # every record below was delivered and let go
     committed: int | None = None  # last position handed to a commit that has not failed
     in_flight: int = 0  # entries SENT and not yet answered
     failed: bool = False  # an answer of the current round was an error
     retry_at: float = 0.0
+
+    def advance(self) -> None:
+        entries, i = self.entries, self.acked_to
+        while i < len(entries) and entries[i].state is State.ACKED:
+            i += 1
+        self.acked_to = i
+        i = max(i, self.sent_to)
+        while i < len(entries) and entries[i].state in (State.SENT, State.ACKED):
+            i += 1
+        self.sent_to = i
+
+    def rewind(self, index: int) -> None:
+        """Entries from `index` on may be READY again."""
+        self.sent_to = min(self.sent_to, index)
+        self.acked_to = min(self.acked_to, index)
+
+    def in_transit(self) -> list[Entry]:
+        """Entries that may be SENT: between the cursors."""
+        self.advance()
+        return [e for e in self.entries[self.acked_to:self.sent_to] if e.state is State.SENT]
 
 
 class OffsetTracker:
@@ -79,8 +110,8 @@ class OffsetTracker:
     def close(self, tp: TP) -> None:
         part = self._parts.pop(tp, None)
         if part is not None:
-            self.records -= len(part.entries)
-            self.bytes -= sum(len(e.record.value or b"") for e in part.entries.values())
+            self.records -= len(part.by_offset)
+            self.bytes -= sum(len(e.record.value or b"") for e in part.by_offset.values())
 
     def partitions(self) -> set[TP]:
         return set(self._parts)
@@ -94,8 +125,17 @@ class OffsetTracker:
     def add(self, record: Record) -> int:
         """Hold a consumed record of an open partition; returns its epoch."""
         part = self._parts[record.tp]
-        part.entries[record.offset] = Entry(record, part.epoch)
-        self.records += 1
+        entry = Entry(record, part.epoch)
+        old = part.by_offset.get(record.offset)
+        if old is not None:  # the same offset again (a client that fetched it twice): it takes the old one's place
+            at = part.entries.index(old, part.base)
+            part.entries[at] = entry
+            part.rewind(at)
+            self.bytes -= len(old.record.value or b"")
+        else:
+            part.entries.append(entry)
+            self.records += 1
+        part.by_offset[record.offset] = entry
         self.bytes += len(record.value or b"")
         return part.epoch
 
@@ -104,7 +144,7 @@ class OffsetTracker:
         part = self._parts.get(tp)
         if part is None or part.epoch != epoch:
             return None
-        return part.entries.get(offset)
+        return part.by_offset.get(offset)
 
     def complete(self, tp: TP, epoch: int, offset: int, message: Outgoing) -> bool:
         entry = self.entry(tp, epoch, offset)
@@ -121,7 +161,10 @@ class OffsetTracker:
         for part in self._parts.values():
             if one_round and (part.in_flight or part.failed or part.retry_at > now):
                 continue
-            for entry in part.entries.values():
+            part.advance()
+            entries, i = part.entries, part.sent_to
+            while i < len(entries):
+                entry = entries[i]
                 if entry.state is State.WAITING:
                     break
                 if entry.state is State.READY:
@@ -130,6 +173,8 @@ class OffsetTracker:
                     entry.refusal = None
                     part.in_flight += 1
                     out.append(entry)
+                i += 1
+            part.sent_to = i
         return out
 
     def answered(self, tp: TP, epoch: int, offset: int, attempt: int, refusal: Refusal | None, detail: str) -> bool:
@@ -150,8 +195,8 @@ class OffsetTracker:
         """Every send not yet answered counts as refused (at-least-once: its producer was replaced), so that
         its round ends, failed, and goes out again."""
         for part in self._parts.values():
-            for entry in part.entries.values():
-                if entry.state is State.SENT and entry.refusal is None:
+            for entry in part.in_transit():
+                if entry.refusal is None:
                     entry.refusal, entry.detail = refusal, detail
                     part.in_flight -= 1
                     part.failed = True
@@ -165,14 +210,20 @@ class OffsetTracker:
             if not part.failed or part.in_flight:
                 continue
             part.failed = False
+            part.advance()
             again: list[Entry] = []
-            for entry in part.entries.values():
+            first = None
+            for i in range(part.acked_to, len(part.entries)):
+                entry = part.entries[i]
                 if entry.state is State.WAITING or entry.state is State.READY:
                     break
                 if again or entry.refusal is not None:
+                    first = i if first is None else first
                     again.append(entry)
             for entry in again:
                 entry.state = State.READY
+            if first is not None:
+                part.rewind(first)
             out.append((tp, again))
         return out
 
@@ -183,26 +234,29 @@ class OffsetTracker:
 
     def sent(self) -> list[Entry]:
         """Entries sent and not yet acknowledged (under exactly-once: the open transaction's)."""
-        return [e for part in self._parts.values() for e in part.entries.values() if e.state is State.SENT]
+        return [e for part in self._parts.values() for e in part.in_transit()]
 
     def ready(self) -> bool:
-        return any(e.state is State.READY for part in self._parts.values() for e in part.entries.values())
+        for part in self._parts.values():
+            part.advance()
+            if any(e.state is State.READY for e in part.entries[part.sent_to:]):
+                return True
+        return False
 
     def transaction_committed(self) -> None:
         """Everything sent in the committed transaction is delivered."""
         for part in self._parts.values():
             part.in_flight = 0
-            for entry in part.entries.values():
-                if entry.state is State.SENT:
-                    entry.state = State.ACKED
+            for entry in part.in_transit():
+                entry.state = State.ACKED
 
     def transaction_aborted(self) -> None:
         """Nothing of the aborted transaction is visible: what it held goes out again, in order."""
         for part in self._parts.values():
             part.in_flight, part.failed = 0, False
-            for entry in part.entries.values():
-                if entry.state is State.SENT:
-                    entry.state = State.READY
+            for entry in part.in_transit():
+                entry.state = State.READY
+            part.rewind(part.acked_to)
 
     # -- commits ------------------------------------------------------------------------------------
 
@@ -212,16 +266,12 @@ class OffsetTracker:
         acknowledged (`include_sent`: not yet in the transaction about to commit). A partition with
         nothing else in hand may move to the consumer's `position`, which lies past transaction
         markers, so that a caught-up worker shows no lag on transactional input."""
-        done = (State.ACKED, State.SENT) if include_sent else (State.ACKED,)
         moved: dict[TP, int] = {}
         for tp, part in self._parts.items():
-            target, all_done = part.done_to, True
-            for offset, entry in part.entries.items():
-                if entry.state not in done:
-                    all_done = False
-                    break
-                target = offset + 1
-            if all_done and position is not None:
+            part.advance()
+            upto = part.sent_to if include_sent else part.acked_to
+            target = part.entries[upto - 1].record.offset + 1 if upto > part.base else part.done_to
+            if upto == len(part.entries) and position is not None:
                 now = position(tp)
                 if now is not None and (target is None or now > target):
                     target = now
@@ -237,13 +287,21 @@ class OffsetTracker:
                 continue
             part.committed = position
             part.done_to = max(part.done_to or 0, position)
-            while part.entries:
-                offset, entry = next(iter(part.entries.items()))
-                if offset >= position:
-                    break
-                part.entries.popitem(last=False)
+            entries, i = part.entries, part.base
+            while i < len(entries) and entries[i].record.offset < position:
+                entry = entries[i]
+                entries[i] = None  # type: ignore[call-overload] - let go; never read again (i < base)
+                del part.by_offset[entry.record.offset]
                 self.records -= 1
                 self.bytes -= len(entry.record.value or b"")
+                i += 1
+            part.base = i
+            part.sent_to, part.acked_to = max(part.sent_to, i), max(part.acked_to, i)
+            if part.base >= COMPACT_AFTER:
+                del entries[:part.base]
+                part.sent_to -= part.base
+                part.acked_to -= part.base
+                part.base = 0
 
     def commit_failed(self, offsets: dict[TP, int]) -> None:
         """A commit did not go through: offer those positions again next time."""

@@ -14,7 +14,7 @@ import torch
 
 from models.classifier import Classifier
 from models.encoder import Encoder
-from worker.batcher import BatchCaps, Pending, next_batch, padded_tokens
+from worker.batcher import BatchCaps, BatchQueue, Pending, padded_tokens
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,10 @@ class CeilingResult:
 def batches(encoder: Encoder, texts: list[str], max_batch_size: int, max_batch_tokens: int) -> list[list[Pending]]:
     """Pre-tokenize, then cut the whole backlog into batches with the worker's batcher."""
     tokens = encoder.tokenize(texts)
-    pool = [Pending(("mem", i), ids, 0.0) for i, ids in enumerate(tokens.ids)]
-    caps = BatchCaps(max_batch_size, max_batch_tokens, 0.0)
+    pool = BatchQueue(BatchCaps(max_batch_size, max_batch_tokens, 0.0))
+    pool.append(Pending(("mem", i), ids, 0.0) for i, ids in enumerate(tokens.ids))
     out = []
-    while pool:
-        batch = next_batch(pool, caps, now=1.0)
-        taken = {id(p) for p in batch}
-        pool = [p for p in pool if id(p) not in taken]
+    while batch := pool.take(now=1.0):
         out.append(batch)
     return out
 
