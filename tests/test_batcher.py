@@ -119,3 +119,30 @@ def test_ties_in_arrival_time_are_served_in_arrival_order():
     pool = [Pending(("tp", i), [1] * length, 0.0, seq=i) for i, length in enumerate([40, 3, 3, 3, 3, 3, 3, 3, 3])]
     batch = next_batch(pool, CAPS, now=1.0, device_busy=True)
     assert pool[0] in batch
+
+
+def test_after_a_take_the_new_last_batch_is_closed_only_if_nothing_could_join_it():
+    """Found by review: the batch before a taken last one kept the closed flag it had only because a longer
+    record followed, and went without its wait."""
+    caps = BatchCaps(max_size=10, max_tokens=10, max_wait_s=0.025)
+    queue = BatchQueue(caps)
+    short, long = Pending(("tp", 1), [1], 1.0), Pending(("tp", 2), [1] * 10, 0.0)
+    queue.append([short, long])
+    assert queue.take(now=1.0) == [long]  # the oldest, closed by the token cap
+    assert queue.take(now=1.001) is None  # [short] waits, as in a fresh queue
+    assert queue.take(now=1.03) == [short]  # its wait passed
+
+
+@given(st.lists(st.tuples(st.integers(1, 40), st.floats(0, 1)), min_size=1, max_size=80), st.integers(1, 8),
+       st.integers(40, 200), st.floats(0, 1.5), st.booleans())
+def test_a_queue_after_takes_decides_as_a_fresh_queue_of_what_is_left(records, size, tokens, now, busy):
+    caps = BatchCaps(size, tokens, 0.3)
+    queue = BatchQueue(caps)
+    queue.append(Pending(("tp", i), [1] * n, arrived, seq=i) for i, (n, arrived) in enumerate(records))
+    while True:
+        fresh = BatchQueue(caps)
+        fresh.append(list(queue._items))
+        expected, batch = fresh.take(now, busy), queue.take(now, busy)
+        assert batch == expected
+        if batch is None:
+            break

@@ -87,3 +87,20 @@ def test_an_idle_partition_commits_the_consumer_position_past_transaction_marker
     assert t.commit_positions(position=lambda tp: 9) == {P: 9}  # offset 8 was a commit marker
     t.add(rec(9))
     assert t.commit_positions(position=lambda tp: 10) == {P: 8}  # 9 is in hand: not past it
+
+
+def test_an_offset_fetched_twice_keeps_its_first_entry_and_nothing_of_a_transaction_is_lost():
+    """Found by review: re-adding an offset moved the cursors back past later SENT entries, which an abort then
+    did not send again while their offsets committed."""
+    t = OffsetTracker()
+    epoch = t.open(P)
+    for offset in (0, 1):
+        t.add(rec(offset))
+        ready(t, epoch, offset)
+    assert [e.record.offset for e in t.release(0, one_round=False)] == [0, 1]
+    t.add(rec(0))  # the client hands offset 0 over again
+    assert len(t) == 2 and t.entry(P, epoch, 0).state is State.SENT
+    t.transaction_aborted()
+    assert [e.record.offset for e in t.release(0, one_round=False)] == [0, 1]
+    t.transaction_committed()
+    assert t.commit_positions(include_sent=True) == {P: 2}

@@ -101,8 +101,12 @@ class BatchQueue:
         del self._items[first.start:first.end]
         # the greedy cut of what is left: the same batches, those after the taken one shifted down
         taken = first.end - first.start
-        self._cuts = [c if c.start < first.start else _Cut(c.start - taken, c.end - taken, c.full, c.oldest)
-                      for c in cuts if c is not first]
+        rest = [c if c.start < first.start else _Cut(c.start - taken, c.end - taken, c.full, c.oldest)
+                for c in cuts if c is not first]
+        if rest and first is cuts[-1]:  # a new last batch: closed only if no record could join it
+            last = rest[-1]
+            last.full = _closed(last.end - last.start, self._items[last.end - 1].length, self.caps)
+        self._cuts = rest
         return batch
 
     def _cut(self) -> list[_Cut]:
@@ -124,13 +128,16 @@ class BatchQueue:
                 else:
                     high = middle - 1
             end = low
-            rows, longest = end - start, lengths[end - 1]
-            # closed: the next record did not fit, or (the last batch) no record could join it
-            full = end < len(items) or rows >= caps.max_size or (rows + 1) * longest > caps.max_tokens
+            full = end < len(items) or _closed(end - start, lengths[end - 1], caps)  # the next record did not fit
             cuts.append(_Cut(start, end, full, min(map(_age, items[start:end]))))
             start = end
         self._cuts = cuts
         return cuts
+
+
+def _closed(rows: int, longest: int, caps: BatchCaps) -> bool:
+    """Whether a last batch is closed: no record, however short, could join it."""
+    return rows >= caps.max_size or (rows + 1) * longest > caps.max_tokens
 
 
 def _length(p: Pending) -> int:

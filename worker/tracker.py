@@ -123,20 +123,15 @@ class OffsetTracker:
     # -- records ------------------------------------------------------------------------------------
 
     def add(self, record: Record) -> int:
-        """Hold a consumed record of an open partition; returns its epoch."""
+        """Hold a consumed record of an open partition; returns its epoch. An offset already in hand (a client
+        that fetched it twice) keeps its first entry: one message per offset, and the cursors stay true."""
         part = self._parts[record.tp]
-        entry = Entry(record, part.epoch)
-        old = part.by_offset.get(record.offset)
-        if old is not None:  # the same offset again (a client that fetched it twice): it takes the old one's place
-            at = part.entries.index(old, part.base)
-            part.entries[at] = entry
-            part.rewind(at)
-            self.bytes -= len(old.record.value or b"")
-        else:
+        if record.offset not in part.by_offset:
+            entry = Entry(record, part.epoch)
             part.entries.append(entry)
+            part.by_offset[record.offset] = entry
             self.records += 1
-        part.by_offset[record.offset] = entry
-        self.bytes += len(record.value or b"")
+            self.bytes += len(record.value or b"")
         return part.epoch
 
     def entry(self, tp: TP, epoch: int, offset: int) -> Entry | None:
