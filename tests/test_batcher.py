@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -146,3 +147,51 @@ def test_a_queue_after_takes_decides_as_a_fresh_queue_of_what_is_left(records, s
         assert batch == expected
         if batch is None:
             break
+
+
+def test_a_window_sorts_only_the_oldest_records_and_admits_the_next_in_arrival_order():
+    """Results leave in partition order, so a sort over everything in hand releases nothing until its last batch is
+    done (the worker ran in waves); a window sorts the oldest few batches' worth, later records wait their turn."""
+    rng = random.Random(1)
+    caps = BatchCaps(max_size=4, max_tokens=10_000, max_wait_s=0)
+    records = [pending(rng.randint(3, 60), arrived=float(i)) for i in range(30)]
+    queue = BatchQueue(caps, window=8)
+    queue.append(records[:20])
+    queue.append(records[20:])
+    assert len(queue) == 30
+    taken: list[Pending] = []
+    while len(queue):
+        admitted = records[:min(30, len(taken) + 8)]  # the window: the oldest 8 not yet taken
+        batch = queue.take(now=100.0)
+        assert batch and set(map(id, batch)) <= set(map(id, admitted)), "a batch took a record beyond the window"
+        assert [p.length for p in batch] == sorted(p.length for p in batch)
+        taken += batch
+    assert sorted(map(id, taken)) == sorted(map(id, records))  # each record once
+
+
+def test_dropping_a_partition_empties_it_beyond_the_window_too():
+    caps = BatchCaps(max_size=4, max_tokens=10_000, max_wait_s=0)
+    records = [Pending((f"tp{i % 2}", i), [1] * (3 + i % 5), float(i), seq=i) for i in range(20)]
+    queue = BatchQueue(caps, window=4)
+    queue.append(records)
+    queue.drop({"tp0"})
+    assert len(queue) == 10
+    taken = []
+    while batch := queue.take(now=100.0):
+        taken += batch
+    assert sorted(p.key[1] for p in taken) == list(range(1, 20, 2))
+
+
+def test_a_window_admits_a_quarter_at_a_time_and_holds_a_record_at_least():
+    """Each admission sorts and cuts the window again: it waits for a quarter of the window to be free."""
+    caps = BatchCaps(max_size=1, max_tokens=10_000, max_wait_s=0)
+    queue = BatchQueue(caps, window=8)
+    queue.append([pending(5, arrived=float(i)) for i in range(20)])
+    assert len(queue._items) == 8
+    queue.take(now=100.0)  # one free: under a quarter, nothing joins
+    assert len(queue._items) == 7 and len(queue) == 19
+    queue.take(now=100.0)  # two free: a quarter, the window fills again
+    assert len(queue._items) == 8 and len(queue) == 18
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="at least one record"):
+            BatchQueue(caps, window=bad)

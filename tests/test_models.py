@@ -58,6 +58,39 @@ def test_cls_features_are_position_zero_and_padding_does_not_change_them(encoder
     torch.testing.assert_close(alone[0], full[0, 0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_a_traced_encoder_gives_eager_features_on_every_shape(tiny_encoder_dir, pooling):
+    """The worker runs the encoder as a TorchScript trace (no GIL between its operations): traced on one shape,
+    it must give eager's features for other row counts and lengths, padding included."""
+    eager = Encoder.load(str(tiny_encoder_dir), device="cpu", dtype="fp32", pooling=pooling)
+    traced = Encoder.load(str(tiny_encoder_dir), device="cpu", dtype="fp32", pooling=pooling)
+    assert traced.trace() and traced.graph == "torchscript" and eager.graph == "eager"
+    texts, _ = labeled_sentences(40)
+    ids = traced.tokenize(["x", *texts, "word " * 500]).ids
+    for batch in ([ids[0]], ids[1:4], ids[4:37], [ids[-1], ids[0]], ids):
+        torch.testing.assert_close(traced.features(batch), eager.features(batch), atol=1e-5, rtol=1e-4)
+
+
+def test_an_encoder_that_does_not_trace_or_traces_wrong_runs_eagerly(encoder, monkeypatch, caplog):
+    ids = encoder.tokenize(["fine", "a much longer and slower review of a film"]).ids
+    expected = encoder.features(ids)
+
+    def fails(*_args, **_kwargs):
+        raise RuntimeError("cannot trace this model\nmore detail")
+
+    class Wrong(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return torch.zeros(*input_ids.shape, encoder.hidden_size)
+
+    for trace, said in ((fails, "does not trace (RuntimeError: cannot trace this model)"),
+                        (lambda *_a, **_k: Wrong(), "traces to other outputs")):
+        monkeypatch.setattr(torch.jit, "trace", trace)
+        caplog.clear()
+        assert not encoder.trace()
+        assert encoder.graph == "eager" and said in caplog.text
+        torch.testing.assert_close(encoder.features(ids), expected)
+
+
 def test_mean_features_average_the_real_tokens_only(mean_encoder):
     short, long = mean_encoder.tokenize(["fine", "a much longer and slower review of a film"]).ids
     alone = mean_encoder.features([short])

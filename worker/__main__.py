@@ -119,14 +119,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {err}") from None
     classifier = Classifier.load(artifact, config.device, config.dtype, config.quantize)  # pinned, pooled as recorded
     encoder = classifier.encoder
+    if config.graph == "torchscript":
+        encoder.trace()
     config = config.with_batch_caps(classifier.max_rows, classifier.max_tokens)
     if config.max_batch_tokens < encoder.max_length:
         raise UserError(f"--max-batch-tokens {config.max_batch_tokens} is below the model's limit of "
                         f"{encoder.max_length} tokens per review")
     metrics.info.labels(artifact.model_id, str(encoder.device), encoder.dtype_name, config.guarantee).set(1)
     health.model_loaded = True
-    log.info("model %s: encoder %s on %s (%s), guarantee %s, Kafka %s", artifact.model_id, encoder.name,
-             encoder.device, encoder.dtype_name, config.guarantee, settings.describe())
+    log.info("model %s: encoder %s on %s (%s, %s), guarantee %s, Kafka %s", artifact.model_id, encoder.name,
+             encoder.device, encoder.dtype_name, encoder.graph, config.guarantee, settings.describe())
     try:
         limits = TopicLimits(settings, [config.output_topic, config.dlq_topic])
     except KafkaError as err:

@@ -6,6 +6,15 @@ row). A batch goes to the device once a cap closed it, or once `max_wait` passed
 first record arrived; the oldest record's batch is served first, so no record (and no
 partition behind it) starves.
 
+The sort spans a window of the oldest records (`window`); later ones wait in arrival order
+until it has room. Results leave in each partition's offset order, so a record done early
+waits for its neighbours: with a sort over everything in hand the worker ran in waves (all of
+it through the device, then all of it published while the device idled). With a window of 16
+batches at 256 rows (4096 records), a device-like model (30k records/s, memory seam) ran
+8.2-8.6k/s → 9.8-10.7k/s here, padding 0.92-0.94 → 0.91-0.92; 2048 records padded 0.86, and
+1024 at 64 rows 0.87, so the worker never sorts fewer than 4096 (on a CPU, with 2048 in
+flight by default, it sorts everything in hand, as before).
+
 The cut is kept between changes and found by bisection over the sorted lengths (a few steps
 per batch), so a step that takes nothing costs next to nothing however many records wait:
 the worker asks on every loop step.
@@ -13,6 +22,7 @@ the worker asks on every loop step.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,24 +65,42 @@ class _Cut:
 
 
 class BatchQueue:
-    def __init__(self, caps: BatchCaps) -> None:
+    def __init__(self, caps: BatchCaps, window: int | None = None) -> None:
+        if window is not None and window < 1:
+            raise ValueError(f"a batch queue's window holds at least one record, not {window}")
         self.caps = caps
-        self._items: list[Pending] = []  # sorted by length; ties in arrival order
+        self.window = window  # records sorted and cut at a time (None: all)
+        self._items: list[Pending] = []  # the window, sorted by length; ties in arrival order
+        self._later: deque[Pending] = deque()  # beyond the window, in arrival order
         self._cuts: list[_Cut] | None = None  # None: to be cut again
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) + len(self._later)
 
     def append(self, items: Iterable[Pending]) -> None:
-        self._items.extend(items)
-        self._items.sort(key=_length)  # stable, and mostly sorted already: ties keep arrival order
-        self._cuts = None
+        self._later.extend(items)
+        self._admit()
+
+    def _admit(self) -> None:
+        """The oldest records beyond the window join it once a quarter of it is free: each admission sorts and cuts
+        the window again, so once every few batches, not after each (a review measured 1.75 ms a take at 4096)."""
+        room = len(self._later)
+        if self.window is not None:
+            free = self.window - len(self._items)
+            room = 0 if self._items and free < self.window // 4 else min(room, free)
+        if room > 0:
+            later = self._later
+            self._items.extend(later.popleft() for _ in range(room))
+            self._items.sort(key=_length)  # stable, and mostly sorted already: ties keep arrival order
+            self._cuts = None
 
     def drop(self, partitions: set[Any]) -> None:
         """Forget the records of these partitions (revoked, or assigned again)."""
         kept = [p for p in self._items if p.key[0] not in partitions]
-        if len(kept) != len(self._items):
-            self._items, self._cuts = kept, None
+        later = deque(p for p in self._later if p.key[0] not in partitions)
+        if len(kept) != len(self._items) or len(later) != len(self._later):
+            self._items, self._later, self._cuts = kept, later, None
+            self._admit()
 
     def deadline(self) -> float | None:
         """When the oldest waiting record's batch must go, at the latest."""
@@ -107,6 +135,7 @@ class BatchQueue:
             last = rest[-1]
             last.full = _closed(last.end - last.start, self._items[last.end - 1].length, self.caps)
         self._cuts = rest
+        self._admit()
         return batch
 
     def _cut(self) -> list[_Cut]:

@@ -15,6 +15,7 @@ GUARANTEES = ("at-least-once", "exactly-once")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 KAFKA_CLIENTS = ("kafka-python", "confluent")
+GRAPHS = ("torchscript", "eager")
 IN_FLIGHT_BATCHES = 32  # --max-in-flight by default: with fewer, a length-sorted round leaves the device idle
 
 
@@ -28,6 +29,8 @@ class WorkerConfig:
     device: str = DEVICE.field()
     dtype: str = DTYPE.field()
     quantize: str = QUANTIZE.field()
+    graph: str = option("torchscript", "how the encoder runs: torchscript (traced once at start, checked against "
+                                       "eager; eager if it does not trace) or eager", GRAPHS)
     max_batch_size: int | None = option(help="a batch closes at this many records (default: 64 on a CPU, 256 on "
                                              "CUDA)")
     max_batch_tokens: int | None = option(help="a batch closes at this many padded tokens, rows x longest row "

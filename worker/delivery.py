@@ -94,18 +94,19 @@ class _Delivery:
             self._before_send()
             if not self._unanswered:
                 self._answered_at = now
+        self._unanswered += len(entries)
+        answer, send, generation = self._answers.put, self.producer.send, self._generation
         refused_at_once: Exception | None = None
         for entry in entries:
             self._fit(entry)
             message, record = entry.message, entry.record
-            key = (record.tp, entry.epoch, record.offset, entry.attempt, self._generation)
-            self._unanswered += 1
+            key = (record.tp, entry.epoch, record.offset, entry.attempt, generation)
             if refused_at_once is not None:  # e.g. no metadata for the topic: the rest of the round waits no more
-                self._answers.put((key, refused_at_once))
+                answer((key, refused_at_once))
                 continue
             headers = copy_headers(record.headers) if message.keep_headers else []
-            refused_at_once = self.producer.send(message.topic, record.key, message.value, headers,
-                                                 lambda err, k=key: self._answers.put((k, err)))
+            refused_at_once = send(message.topic, record.key, message.value, headers,
+                                   lambda err, k=key: answer((k, err)))
 
     def _fit(self, entry: Entry) -> None:
         """A message over its topic's max.message.bytes can never be accepted: dead-letter it now."""
@@ -215,16 +216,19 @@ class AtLeastOnce(_Delivery):
             if generation != self._generation:
                 continue  # from a replaced producer: its sends were failed over when it was replaced
             self._unanswered -= 1
-            refusal = None if err is None else self._classify(err)
-            counts = self.tracker.answered(tp, epoch, offset, attempt, refusal, f"{type(err).__name__}: {err}")
-            if counts and err is not None:  # one that no longer counts (stale epoch or attempt) is not an outage
-                self._refused(err)
+            if err is None:
+                entry = self.tracker.answered(tp, epoch, offset, attempt, None, "")
+                if entry is not None:
+                    if self.refusing_since is not None or self._backoff != BACKOFF_MIN_S:
+                        self._recovered()
+                    self.on_delivered(entry.message)
+                continue
+            refusal = self._classify(err)
+            if self.tracker.answered(tp, epoch, offset, attempt, refusal, f"{type(err).__name__}: {err}"):
+                self._refused(err)  # one that no longer counts (stale epoch or attempt) is not an outage
             if refusal is Refusal.RETRY:  # whether or not it counts: this producer gives up on sends
                 log.warning("replacing the Kafka producer: it gave up on a send (%s)", type(err).__name__)
                 self._replace_producer()
-            elif counts and err is None:
-                self._recovered()
-                self.on_delivered(self.tracker.entry(tp, epoch, offset).message)
         if self._unanswered < unanswered:  # this producer answered (a replacement resets the count)
             self._answered_at = clock()
         until = None

@@ -20,6 +20,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+import numpy as np
+
 from contract.records import (
     DeadLetterCode,
     Rejection,
@@ -43,6 +45,9 @@ log = logging.getLogger("worker")
 
 IDLE_POLL_S = 0.1
 KEEPALIVE_POLL_S = 1.0
+# the batch queue sorts the oldest 16 batches' worth of records, and never fewer than 4096 (see worker/batcher.py):
+# padding depends on how many records are sorted together (1024 SST-2 reviews at 64 rows padded 0.87)
+SORT_WINDOW_BATCHES, SORT_WINDOW_MIN = 16, 4096
 REVOKE_WAIT_S = 1.0  # longest a client's revoke callback waits for the loop's bookkeeping
 
 
@@ -53,7 +58,8 @@ class Worker:
         self.config, self.model_id = config, model_id
         self.tokenizing = TokenizingStage(tokenize)
         self.inference, self.metrics, self.health, self.consumer = inference, metrics, health, consumer
-        self.pool = BatchQueue(BatchCaps(config.max_batch_size, config.max_batch_tokens, config.max_wait_ms / 1000))
+        self.pool = BatchQueue(BatchCaps(config.max_batch_size, config.max_batch_tokens, config.max_wait_ms / 1000),
+                               window=max(SORT_WINDOW_MIN, SORT_WINDOW_BATCHES * config.max_batch_size))
         self.tracker = OffsetTracker()
         metrics.in_hand.set_function(lambda: len(self.tracker))
         self.delivery = make_delivery(self.tracker, self._delivered)
@@ -66,6 +72,7 @@ class Worker:
         self.last_poll = time.monotonic()
         self.arrivals = 0
         self.delivered: Counter[tuple[bool, str]] = Counter()  # (is a result, label or code) since `_count`
+        self.result_timestamps: list[int] = []  # input timestamps (ms) of the results delivered since `_count`
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -210,31 +217,37 @@ class Worker:
         letter, alone."""
         self.metrics.consumed.inc(len(records))
         now = time.monotonic()
-        valid: list[tuple[Record, int, Review, float]] = []
+        valid: list[tuple[Record, int, Review, Source, float]] = []
+        add, max_bytes = self.tracker.add, self.config.max_record_bytes
         for record in records:
-            if self.tracker.epoch(record.tp) is None:
+            epoch = add(record)
+            if epoch is None:
                 log.warning("dropped a record of %s, which is not assigned here", record.tp)
                 continue
-            epoch = self.tracker.add(record)
+            source = Source(record.tp.topic, record.tp.partition, record.offset)
             try:
                 decoded = (Rejection(DeadLetterCode.INTERNAL_ERROR, record.unreadable) if record.unreadable
-                           else decode_review(record.value, self._source(record), self.config.max_record_bytes))
+                           else decode_review(record.value, source, max_bytes))
             except Exception as err:  # noqa: BLE001 - an unforeseen case is a dead letter and a bug report
                 decoded = _internal(err)
             if isinstance(decoded, Rejection):
                 self._dead_letter(record, epoch, decoded)
             else:
-                valid.append((record, epoch, decoded, now))
+                valid.append((record, epoch, decoded, source, now))
         if valid:
-            self.tokenizing.submit(valid, [review.text for _, _, review, _ in valid])
+            self.tokenizing.submit(valid, [item[2].text for item in valid])
 
     def _pool(self, done: list[Tokenized]) -> None:
         """Tokenized records join the batcher's pool, in the order they were polled, unless their partition
         was let go meanwhile; a text the tokenizer failed on is a dead letter."""
         pending: list[Pending] = []
+        current: dict[tuple[TP, int], bool] = {}  # (partition, epoch polled in) -> that epoch is still the current one
         for tokenized in done:
-            for i, (record, epoch, review, arrived) in enumerate(tokenized.items):
-                if self.tracker.entry(record.tp, epoch, record.offset) is None:
+            for i, (record, epoch, review, source, arrived) in enumerate(tokenized.items):
+                tp = record.tp
+                if (tp, epoch) not in current:
+                    current[(tp, epoch)] = self.tracker.epoch(tp) == epoch
+                if not current[(tp, epoch)]:
                     continue
                 if i in tokenized.errors:
                     self._dead_letter(record, epoch, _internal(tokenized.errors[i]))
@@ -242,7 +255,7 @@ class Worker:
                 if tokenized.truncated[i]:
                     self.metrics.truncated.inc()
                 self.arrivals += 1
-                pending.append(Pending((record.tp, record.offset), tokenized.ids[i], arrived, (record, epoch, review),
+                pending.append(Pending((tp, record.offset), tokenized.ids[i], arrived, (record, epoch, review, source),
                                        self.arrivals))
         if pending:
             self.pool.append(pending)
@@ -261,21 +274,22 @@ class Worker:
             self.metrics.observe_batch(len(scored.batch), real, padded_tokens(scored.batch), scored.seconds)
             at = time.time()
             scores = scored.scores.tolist()
+            complete, model, topic = self.tracker.complete, self.model_id, self.config.output_topic
             for row, pending in enumerate(scored.batch):
-                record, epoch, review = pending.payload
-                if self.tracker.entry(record.tp, epoch, record.offset) is None:
-                    continue  # its partition was let go (and maybe came back) while it was on the device
+                # a record whose partition was let go (and maybe came back) while it was on the device no longer
+                # completes: `complete` ignores it
+                record, epoch, review, source = pending.payload
                 if row in scored.failed:
                     self._dead_letter(record, epoch, Rejection(DeadLetterCode.MODEL_ERROR, scored.failed[row]))
                     continue
                 score = scores[row]
                 try:
-                    value = encode_result(review, score, self.model_id, self._source(record), at)
+                    value = encode_result(review, score, model, source, at)
                 except Exception as err:  # noqa: BLE001
                     self._dead_letter(record, epoch, _internal(err))
                     continue
-                self.tracker.complete(record.tp, epoch, record.offset, Outgoing(
-                    record, self.config.output_topic, value, label_of(score), is_result=True))
+                message = Outgoing(record, topic, value, label_of(score), is_result=True)
+                complete(record.tp, epoch, record.offset, message)
 
     def _dead_letter(self, record: Record, epoch: int, rejection: Rejection) -> None:
         value = encode_dead_letter(rejection, record.value, self._source(record))
@@ -287,16 +301,20 @@ class Worker:
         return Source(record.tp.topic, record.tp.partition, record.offset)
 
     def _delivered(self, message: Outgoing) -> None:
-        """Counted here, added to the labelled counters once a step (`_count`): a lock per counter, not per message."""
+        """Counted here, added to the metrics once a step (`_count`): a lock per counter, not per message."""
         self.delivered[(message.is_result, message.outcome)] += 1
         if message.is_result:
-            self.metrics.latency.observe(max(0.0, time.time() - message.record.timestamp_ms / 1000))
+            self.result_timestamps.append(message.record.timestamp_ms)
 
     def _count(self) -> None:
         for (is_result, outcome), count in self.delivered.items():
             (self.metrics.classified if is_result else self.metrics.dead_lettered).labels(outcome).inc(count)
             self.metrics.delivered(count)
         self.delivered.clear()
+        if self.result_timestamps:
+            sent_at = np.array(self.result_timestamps, dtype=np.float64) / 1000
+            self.metrics.latency.observe(np.maximum(0.0, time.time() - sent_at))
+            self.result_timestamps.clear()
 
 
 def _internal(err: BaseException) -> Rejection:

@@ -122,10 +122,13 @@ class OffsetTracker:
 
     # -- records ------------------------------------------------------------------------------------
 
-    def add(self, record: Record) -> int:
-        """Hold a consumed record of an open partition; returns its epoch. An offset already in hand (a client
-        that fetched it twice) keeps its first entry: one message per offset, and the cursors stay true."""
-        part = self._parts[record.tp]
+    def add(self, record: Record) -> int | None:
+        """Hold a consumed record; returns its partition's epoch, None when the partition is not open here. An
+        offset already in hand (a client that fetched it twice) keeps its first entry: one message per offset,
+        and the cursors stay true."""
+        part = self._parts.get(record.tp)
+        if part is None:
+            return None
         if record.offset not in part.by_offset:
             entry = Entry(record, part.epoch)
             part.entries.append(entry)
@@ -172,19 +175,20 @@ class OffsetTracker:
             part.sent_to = i
         return out
 
-    def answered(self, tp: TP, epoch: int, offset: int, attempt: int, refusal: Refusal | None, detail: str) -> bool:
-        """The broker's answer to one send; False when it no longer matters (stale epoch or attempt)."""
-        entry = self.entry(tp, epoch, offset)
+    def answered(self, tp: TP, epoch: int, offset: int, attempt: int, refusal: Refusal | None,
+                 detail: str) -> Entry | None:
+        """The broker's answer to one send: its entry, or None when it no longer matters (stale epoch or attempt)."""
+        part = self._parts.get(tp)
+        entry = part.by_offset.get(offset) if part is not None and part.epoch == epoch else None
         if entry is None or entry.attempt != attempt or entry.state is not State.SENT:
-            return False
-        part = self._parts[tp]
+            return None
         part.in_flight -= 1
         if refusal is None:
             entry.state = State.ACKED
         else:
             entry.refusal, entry.detail = refusal, detail
             part.failed = True
-        return True
+        return entry
 
     def fail_sent(self, refusal: Refusal, detail: str) -> None:
         """Every send not yet answered counts as refused (at-least-once: its producer was replaced), so that

@@ -84,6 +84,7 @@ def main() -> int:
     ceilings = {}
     for dtype, quantize in (("fp32", "none"), ("auto", "none"), ("fp32", "int8")):
         classifier = Classifier.load(artifact, "cpu", dtype, quantize)
+        classifier.encoder.trace()  # as the worker runs it
         for size in [int(s) for s in args.batch_sizes.split(",")]:
             if quantize == "int8" and size != 64:
                 continue

@@ -65,6 +65,8 @@ def main() -> int:
         encoder = Encoder.load(str(folder), args.device, dtype, pooling=args.pooling)
         if len(encoder.tokenizer) != vocabulary:
             raise SystemExit(f"error: the tokenizer has {len(encoder.tokenizer)} tokens, {args.vocab} {vocabulary}")
+        encoder.trace()  # as the worker runs it: the bare model and the worker loop below share it
+        print(f"{dtype}: encoder graph {encoder.graph}", file=sys.stderr)
         rng = np.random.default_rng(0)
         estimator = LogisticRegression().fit(rng.normal(size=(64, encoder.hidden_size)), np.arange(64) % 2)
         classifier = Classifier(encoder, TorchHead(HeadWeights.of(estimator), encoder.device))
@@ -73,7 +75,7 @@ def main() -> int:
                 torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
             result = measure(classifier, texts, size, max_batch_tokens=size * 128, min_seconds=args.seconds)
-            row = {"dtype": dtype, "pooling": args.pooling, "max_batch_size": size,
+            row = {"dtype": dtype, "graph": encoder.graph, "pooling": args.pooling, "max_batch_size": size,
                    "records_per_s": round(result.per_second, 1),
                    "padding_efficiency": round(result.padding_efficiency, 3),
                    "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else 0.0,
