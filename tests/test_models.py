@@ -1,6 +1,7 @@
 """The model package with a tiny DistilBERT built here, loaded through from_pretrained."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import torch
 from contract.cli import UserError
 from models.artifact import HEAD_FILE, JOBLIB_FILE, MANIFEST_FILE, load_artifact
 from models.classifier import Classifier
-from models.encoder import Encoder, length_batches, resolve_dtype
+from models.encoder import KERNEL_CACHE_ENV, Encoder, length_batches, resolve_dtype
 from models.head import HeadWeights, TorchHead
 from tests.conftest import ROOT, labeled_sentences
 
@@ -211,3 +212,30 @@ def test_a_random_distilbert_built_on_a_vocabulary_file_uses_all_of_it(tmp_path)
     encoder = Encoder.load(str(folder), device="cpu", dtype="fp32")
     assert len(encoder.tokenizer) == 8 and encoder.model.config.vocab_size == 8
     assert encoder.tokenize(["Good FILMS"]).ids == [[2, 5, 6, 7, 3]]
+
+
+KERNEL_CACHE_PROBE = """
+import random, sys, psutil
+from models.encoder import Encoder
+encoder = Encoder.load(sys.argv[1], device="cpu", dtype="fp32")
+process, shapes = psutil.Process(), [(rows, length) for rows in range(1, 61, 2) for length in range(4, 124, 3)]
+random.Random(0).shuffle(shapes)
+for rows, length in shapes[:40]:
+    encoder.features([[7] * length] * rows)
+before = process.memory_info().rss
+for rows, length in shapes[40:]:
+    encoder.features([[7] * length] * rows)
+print((process.memory_info().rss - before) / 2**20)
+"""
+
+
+def test_the_cpu_kernel_cache_stays_small_over_many_batch_shapes(tiny_encoder_dir):
+    """oneDNN keeps a compiled kernel per shape; at its default of 1024 a worker's memory grew for minutes."""
+    def growth_mib(**env: str) -> float:
+        clean = {k: v for k, v in os.environ.items() if k != KERNEL_CACHE_ENV}
+        done = subprocess.run([sys.executable, "-c", KERNEL_CACHE_PROBE, str(tiny_encoder_dir)], env=clean | env,
+                              capture_output=True, text=True, check=True)
+        return float(done.stdout.split()[-1])
+
+    bounded, default = growth_mib(), growth_mib(**{KERNEL_CACHE_ENV: "1024"})
+    assert bounded < 0.5 * default, (bounded, default)
