@@ -37,6 +37,7 @@ from worker.clients import TP, ConsumerClient, Polled, Record
 from worker.config import WorkerConfig
 from worker.delivery import AtLeastOnce, Interrupted
 from worker.inference import InferenceStage, Scored
+from worker.memory import MemoryTrim
 from worker.metrics import Health, WorkerMetrics
 from worker.tokenizing import Tokenize, Tokenized, TokenizingStage
 from worker.tracker import OffsetTracker, Outgoing
@@ -70,6 +71,7 @@ class Worker:
         self.stopping = False
         self.interrupted = False
         self.last_poll = time.monotonic()
+        self.memory = MemoryTrim(self.last_poll)
         self.arrivals = 0
         self.delivered: Counter[tuple[bool, str]] = Counter()  # (is a result, label or code) since `_count`
         self.result_timestamps: list[int] = []  # input timestamps (ms) of the results delivered since `_count`
@@ -110,6 +112,7 @@ class Worker:
         if self._room() > 0 or time.monotonic() - self.last_poll > KEEPALIVE_POLL_S:
             self._poll()
         self.metrics.refresh_throughput()
+        self.memory.tick(time.monotonic())
 
     def drain(self) -> None:
         """Finish everything in hand: run the pool, publish and commit as it goes (transactions stay
