@@ -2,11 +2,12 @@
 fault every minute (a worker SIGKILLed, one SIGTERMed, one joining, the broker restarted), under
 one guarantee. Ends with one summary line, and exit 1 when anything was lost, duplicated under
 exactly-once, held by an idle worker, when a worker did not stop on SIGTERM, or when the long-lived
-worker's memory grew 5 % or more from its baseline: its resident size one interval after the first fault
-(or after its first minute, in a run too short for that). The first fault takes the long-lived worker
-through its first rebalance and backlog catch-up, and its live memory steps up once there (~55 MiB
-with the tiny model, then flat through every later fault: measured with glibc's freed memory trimmed);
-growth from that point on is what a leak looks like.
+worker's memory grew 5 % or more: its lowest resident size over the last minute of the stream against
+its lowest over the minute after the first fault (each window holds one of the worker's once-a-minute
+heap trims, so both read live memory, not what glibc had yet to give back). The first fault takes the
+long-lived worker through its first rebalance and backlog catch-up, and its live memory steps up once
+there (~55 MiB with the tiny model, then flat through every later fault), so growth is counted from
+after it. A run too short for both windows does not judge memory, and says so.
 
     python -m ops.soak --minutes 5 --guarantee exactly-once
     python -m ops.soak --minutes 6 --faults join,broker-restart --every 30   # one kind of fault, more often
@@ -32,10 +33,12 @@ import psutil
 from contract.kafka import KafkaSettings
 from models.build import save_random_distilbert
 from ops.harness import ROOT, Topics, WorkerProcess, free_port, publish, read
+from worker.memory import TRIM_EVERY_S
 
 OUT = ROOT / "ops" / "bench" / "out" / "soak"
 FAULTS = ("sigkill", "sigterm", "join", "broker-restart")
 IDLE_LIMIT_S = 60.0  # a broker restart may hold deliveries for tens of seconds
+MEMORY_GROWTH_LIMIT = 0.05
 
 
 def say(message: str) -> None:
@@ -92,6 +95,26 @@ class Watch(threading.Thread):
             time.sleep(2)
 
 
+class Resident(threading.Thread):
+    """The long-lived worker's resident size every 2 s; `lowest(since, until)` over a window."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.process, self.samples = psutil.Process(pid), []
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            try:
+                self.samples.append((time.monotonic(), self.process.memory_info().rss))
+            except psutil.Error:
+                return
+            time.sleep(2)
+
+    def lowest(self, since: float, until: float) -> int | None:
+        return min((rss for at, rss in self.samples if since <= at <= until), default=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ops.soak", description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=float(os.environ.get("MINUTES", 5)))
@@ -138,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         stream = threading.Thread(target=publish, args=(settings, topics.input, [value(i) for i in range(total)]),
                                   kwargs={"rate": rate}, daemon=True)
         stream.start()
-        rss = psutil.Process(long_lived.proc.pid)
+        resident = Resident(long_lived.proc.pid)
+        resident.start()
+        window = max(args.every, TRIM_EVERY_S)
+        first_fault_at: float | None = None
         time.sleep(min(60, args.minutes * 60 / 2))
-        rss_first_minute = rss_baseline = rss.memory_info().rss
         third: WorkerProcess | None = None
         stuck: list[str] = []  # workers that did not stop on SIGTERM
 
@@ -155,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for n, fault in zip(range(int(args.minutes * 60 / args.every) - 1), faults * 1000, strict=False):
             say(f"fault {n + 1}: {fault}")
+            first_fault_at = first_fault_at or time.monotonic()
             if fault == "sigkill":
                 other.kill()
                 other = worker("replica-1", topics)
@@ -172,16 +198,18 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run([broker_script, "start"], check=True, stdout=subprocess.DEVNULL)
             watch.workers.append(other)
             time.sleep(args.every)
-            if n == 0:
-                rss_baseline = rss.memory_info().rss
             if not long_lived.alive():
                 say(f"the long-lived worker died (exit {long_lived.proc.returncode}): {long_lived.tail()}")
                 return 1
         stream.join()
+        stream_end = time.monotonic()
+        before = resident.lowest(first_fault_at, first_fault_at + window) if first_fault_at else None
+        after = resident.lowest(stream_end - window, stream_end)
+        judged = before is not None and after is not None and first_fault_at + window < stream_end - window
+        growth = (after - before) / before if judged else 0.0
         committed_only = args.guarantee == "exactly-once"
         results = read(settings, topics.output, total, timeout=600, committed_only=committed_only, settle=5,
                        progress="reading results")
-        rss_end = rss.memory_info().rss
         watch.running = False
         for w in (long_lived, other, third):
             if w is not None and w.alive():
@@ -189,18 +217,18 @@ def main(argv: list[str] | None = None) -> int:
         got = Counter(json.loads(r.value)["id"] for r in results)
         lost = total - len(set(got) & {f"k{i}" for i in range(total)})
         duplicated = sum(got.values()) - len(got)
-        growth = (rss_end - rss_baseline) / rss_baseline
         say(f"worker log: {logs}")
         print(f"soak ({args.guarantee}, {args.minutes:g} min, {rate:.0f}/s): sent={total} classified={len(got)} "
               f"lost={lost} duplicated={duplicated} idle-with-records={len(watch.idle)} "
-              f"long-lived RSS {rss_baseline / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB ({growth:+.1%}; "
-              f"{rss_first_minute / 2**20:.0f} MiB after its first minute)")
+              + (f"long-lived RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB ({growth:+.1%}, lowest in the "
+                 f"{window:.0f} s after the first fault and before the stream's end)" if judged else
+                 "long-lived RSS not judged (the run is too short for two windows)"))
         for line in watch.idle:
             print(f"  idle: {line}")
         for line in stuck:
             print(f"  stuck: {line}")
         topics.delete()
-        failed = lost or watch.idle or stuck or growth >= 0.05 or (committed_only and duplicated)
+        failed = lost or watch.idle or stuck or growth >= MEMORY_GROWTH_LIMIT or (committed_only and duplicated)
         return 1 if failed else 0
     finally:  # no worker outlives the soak, whatever ended it
         watch.running = False

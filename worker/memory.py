@@ -14,9 +14,11 @@ TRIM_EVERY_S = 60.0
 
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
-        return ctypes.CDLL(None).malloc_trim  # a CDLL call releases the GIL while it runs
-    except (OSError, AttributeError):
+        trim = ctypes.CDLL(None).malloc_trim  # a CDLL call releases the GIL while it runs
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 MALLOC_TRIM = _malloc_trim()

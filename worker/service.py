@@ -99,6 +99,7 @@ class Worker:
     def step(self) -> None:
         with self._owner:
             self._step()
+        self.memory.tick(time.monotonic())  # outside the lock: a revoke callback never waits for it
 
     def _step(self) -> None:
         self.health.tick()
@@ -112,7 +113,6 @@ class Worker:
         if self._room() > 0 or time.monotonic() - self.last_poll > KEEPALIVE_POLL_S:
             self._poll()
         self.metrics.refresh_throughput()
-        self.memory.tick(time.monotonic())
 
     def drain(self) -> None:
         """Finish everything in hand: run the pool, publish and commit as it goes (transactions stay
