@@ -3,11 +3,11 @@ fault every minute (a worker SIGKILLed, one SIGTERMed, one joining, the broker r
 one guarantee. Ends with one summary line, and exit 1 when anything was lost, duplicated under
 exactly-once, held by an idle worker, when a worker did not stop on SIGTERM, or when the long-lived
 worker's memory grew 5 % or more: its lowest resident size over the last minute of the stream against
-its lowest over the minute after the first fault (each window holds one of the worker's once-a-minute
-heap trims, so both read live memory, not what glibc had yet to give back). The first fault takes the
-long-lived worker through its first rebalance and backlog catch-up, and its live memory steps up once
-there (~55 MiB with the tiny model, then flat through every later fault), so growth is counted from
-after it. A run too short for both windows does not judge memory, and says so.
+its lowest over the minute after the second fault (each window holds one of the worker's once-a-minute
+heap trims, so both read live memory, not what glibc had yet to give back). The first two faults are
+the warm-up: the first takes the long-lived worker through its first rebalance and backlog catch-up,
+and its live memory steps up once there, within that minute (~55 MiB with the tiny model, then flat
+through every later fault). A run too short for both windows does not judge memory, and says so.
 
     python -m ops.soak --minutes 5 --guarantee exactly-once
     python -m ops.soak --minutes 6 --faults join,broker-restart --every 30   # one kind of fault, more often
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         resident = Resident(long_lived.proc.pid)
         resident.start()
         window = max(args.every, TRIM_EVERY_S)
-        first_fault_at: float | None = None
+        warm_at: float | None = None  # the second fault: memory is judged from here on
         time.sleep(min(60, args.minutes * 60 / 2))
         third: WorkerProcess | None = None
         stuck: list[str] = []  # workers that did not stop on SIGTERM
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for n, fault in zip(range(int(args.minutes * 60 / args.every) - 1), faults * 1000, strict=False):
             say(f"fault {n + 1}: {fault}")
-            first_fault_at = first_fault_at or time.monotonic()
+            warm_at = time.monotonic() if n == 1 else warm_at
             if fault == "sigkill":
                 other.kill()
                 other = worker("replica-1", topics)
@@ -203,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         stream.join()
         stream_end = time.monotonic()
-        before = resident.lowest(first_fault_at, first_fault_at + window) if first_fault_at else None
+        before = resident.lowest(warm_at, warm_at + window) if warm_at else None
         after = resident.lowest(stream_end - window, stream_end)
-        judged = before is not None and after is not None and first_fault_at + window < stream_end - window
+        judged = before is not None and after is not None and warm_at + window <= stream_end - window
+        (OUT / f"rss-{args.guarantee}.tsv").write_text("".join(f"{at - stream_end:.0f}\t{rss / 2**20:.0f}\n"
+                                                               for at, rss in resident.samples))
         growth = (after - before) / before if judged else 0.0
         committed_only = args.guarantee == "exactly-once"
         results = read(settings, topics.output, total, timeout=600, committed_only=committed_only, settle=5,
@@ -217,11 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         got = Counter(json.loads(r.value)["id"] for r in results)
         lost = total - len(set(got) & {f"k{i}" for i in range(total)})
         duplicated = sum(got.values()) - len(got)
-        say(f"worker log: {logs}")
+        say(f"worker log: {logs}; the long-lived worker's RSS (s before the stream's end, MiB): "
+            f"{OUT / f'rss-{args.guarantee}.tsv'}")
         print(f"soak ({args.guarantee}, {args.minutes:g} min, {rate:.0f}/s): sent={total} classified={len(got)} "
               f"lost={lost} duplicated={duplicated} idle-with-records={len(watch.idle)} "
               + (f"long-lived RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB ({growth:+.1%}, lowest in the "
-                 f"{window:.0f} s after the first fault and before the stream's end)" if judged else
+                 f"{window:.0f} s after the second fault and before the stream's end)" if judged else
                  "long-lived RSS not judged (the run is too short for two windows)"))
         for line in watch.idle:
             print(f"  idle: {line}")
