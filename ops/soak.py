@@ -102,10 +102,9 @@ class Resident(threading.Thread):
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.process, self.samples = psutil.Process(pid), []
-        self.running = True
 
     def run(self) -> None:
-        while self.running:
+        while True:  # until the worker is gone
             try:
                 self.samples.append((time.monotonic(), self.process.memory_info().rss))
             except psutil.Error:

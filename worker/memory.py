@@ -1,8 +1,8 @@
 """Freed heap memory goes back to the OS once a minute. glibc keeps what its per-thread arenas free: with
 the forward pass, tokenizer and Kafka client threads running at once, a backlog's catch-up after a
 rebalance left ~60 MiB of freed memory resident for good (measured: `malloc_trim` gave it back each
-time, live memory stayed flat), so the resident size that memory limits and dashboards read rose in
-steps that were not leaks. A no-op where the C library has no `malloc_trim` (musl, macOS)."""
+time), so the resident size that memory limits and dashboards read rose by more than live memory did.
+A no-op where the C library has no `malloc_trim` (musl, macOS, Windows)."""
 
 from __future__ import annotations
 
