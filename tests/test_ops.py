@@ -370,3 +370,21 @@ def test_bench_plot_draws_every_reference_point(tmp_path):
     path = tmp_path / "results.png"
     plot(results, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("running", [True, False])
+def test_with_broker_passes_on_the_commands_exit_status_whoever_started_the_broker(tmp_path, running):
+    """`make demo` / `make bench` against a broker already up (`make broker-start`) ended in exit 1 after a
+    command that succeeded: the cleanup of a broker it had not started returned false from the exit trap."""
+    shutil.copy(ROOT / "ops" / "kafka" / "with-broker", tmp_path / "with-broker")
+    calls = tmp_path / "calls"
+    stub = tmp_path / "local-broker"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$1" >> {calls}\n'
+                    f'[[ $1 != status ]] || exit {0 if running else 1}\n')
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+    for command, status in (("true", 0), ("false", 1)):
+        calls.write_text("")
+        done = subprocess.run([str(tmp_path / "with-broker"), command], env=env, capture_output=True)
+        assert done.returncode == status, done.stderr
+        assert calls.read_text().split() == (["status"] if running else ["status", "start", "stop"])
