@@ -185,26 +185,27 @@ def test_a_poll_in_the_tokenizer_across_revoke_and_reassign_is_dropped(guarantee
         assert len(offsets) == 40
 
 
-def test_a_large_poll_goes_to_the_tokenizer_a_batch_at_a_time_and_leaves_in_order():
-    """A poll of 40 records at 16 rows a batch is tokenized as three jobs, so the first batch can reach the device
-    before the rest is tokenized; the jobs come back in order, and so does every partition's output."""
+def test_a_poll_larger_than_the_sort_window_goes_to_the_tokenizer_a_window_at_a_time_and_leaves_in_order():
+    """A poll of 4196 records with a sort window of 4096 is tokenized as two jobs, so the first window's batches
+    can reach the device before the rest is tokenized; the jobs come back in order, and so does the output."""
     sizes: list[int] = []
 
     def counting_tokenize(texts):
         sizes.append(len(texts))
         return fake_tokenize(texts)
 
-    h = Harness("at-least-once", partitions=1, tokenize=counting_tokenize, max_batch_size=16, max_in_flight=64)
-    h.publish(0, 40)
-    for _ in range(5):  # join, then poll all 40 at once
+    h = Harness("at-least-once", partitions=1, tokenize=counting_tokenize, max_batch_size=256, max_in_flight=8192)
+    assert h.worker.pool.window == 4096
+    h.publish(0, 4196)
+    for _ in range(5):  # join, then poll all of it at once
         h.worker.step()
         if h.worker.tokenizing.busy:
             break
-    assert h.worker.tokenizing.busy == 3
+    assert h.worker.tokenizing.busy == 2
     h.run_until_idle()
-    assert sizes == [16, 16, 8]
+    assert sizes == [4096, 100]
     everything_classified(h)
-    assert [item["offset"] for item in h.broker.published()] == list(range(40))
+    assert [item["offset"] for item in h.broker.published()] == list(range(4196))
 
 
 @pytest.mark.parametrize("same_poll", [True, False])

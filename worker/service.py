@@ -216,9 +216,10 @@ class Worker:
         self.pool.drop(partitions)
 
     def _accept(self, records: list[Record]) -> None:
-        """Decode, and hand the valid ones to the tokenizer, a batch's worth at a time (one job for a poll of
-        8192 held the pool empty and the device idle until all of it was tokenized); any record that fails
-        here becomes its dead letter, alone."""
+        """Decode, and hand the valid ones to the tokenizer, at most a sort window's worth per job: a first poll
+        of 8192 as one job held the pool empty and the device idle until all of it was tokenized, while smaller
+        jobs would reach the batch queue as full batches before the window could sort them (padding); any
+        record that fails here becomes its dead letter, alone."""
         self.metrics.consumed.inc(len(records))
         now = time.monotonic()
         valid: list[tuple[Record, int, Review, Source, float]] = []
@@ -238,7 +239,7 @@ class Worker:
                 self._dead_letter(record, epoch, decoded)
             else:
                 valid.append((record, epoch, decoded, source, now))
-        size = self.config.max_batch_size or max(1, len(valid))
+        size = self.pool.window or max(1, len(valid))
         for i in range(0, len(valid), size):
             part = valid[i:i + size]
             self.tokenizing.submit(part, [item[2].text for item in part])

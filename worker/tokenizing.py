@@ -1,9 +1,10 @@
-"""The tokenizing stage: one thread that turns each poll's texts into token ids, so that the main
-thread goes on polling, publishing and committing while the tokenizer (Rust, which releases the
-GIL) works. At GPU speed tokenizing on the main thread was its largest single cost.
+"""The tokenizing stage: one thread that turns each job's texts (a poll, or a sort window's worth of
+one) into token ids, so that the main thread goes on polling, publishing and committing while the
+tokenizer (Rust, which releases the GIL) works. At GPU speed tokenizing on the main thread was its
+largest single cost.
 
-Polls come back in the order they went in (one thread, one queue), so records of a partition
-reach the batcher in offset order. A text the tokenizer fails on fails alone: that poll is
+Jobs come back in the order they went in (one thread, one queue), so records of a partition
+reach the batcher in offset order. A text the tokenizer fails on fails alone: that job is
 tokenized again one text at a time and only the failing texts come back as errors.
 """
 
@@ -22,7 +23,7 @@ Tokenize = Callable[[list[str]], Tokens]
 
 @dataclass
 class Tokenized:
-    """One poll's texts, tokenized: `ids[i]` is None where `errors` has i."""
+    """One job's texts, tokenized: `ids[i]` is None where `errors` has i."""
 
     items: list[Any]  # what was submitted with the texts, in order
     ids: list[list[int] | None]
@@ -35,7 +36,7 @@ class TokenizingStage:
         self.tokenize = tokenize
         self._todo: queue.SimpleQueue[tuple[list[Any], list[str]] | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[Tokenized] = queue.SimpleQueue()
-        self.busy = 0  # polls submitted and not yet collected
+        self.busy = 0  # jobs submitted and not yet collected
         self._thread = threading.Thread(target=self._run, name="tokenizing", daemon=True)
         self._thread.start()
 
@@ -64,7 +65,7 @@ class TokenizingStage:
             items, texts = work
             try:
                 done = self._tokenized(items, texts)
-            except BaseException as err:  # noqa: BLE001 - never leave a poll unanswered: the loop waits for each
+            except BaseException as err:  # noqa: BLE001 - never leave a job unanswered: the loop waits for each
                 failed = dict.fromkeys(range(len(texts)), err)
                 done = Tokenized(items, [None] * len(texts), [False] * len(texts), failed)
             self._done.put(done)
