@@ -8,7 +8,8 @@ heap trims, so both read live memory, not what glibc had yet to give back). The 
 the warm-up: the first takes the long-lived worker through its first rebalance and backlog catch-up,
 and its live memory steps up there, within that minute (~55 MiB with the tiny model). A 20-minute run
 showed one more step like it, near the fourteenth fault, and flat memory between (+9 %: it fails; what
-holds that memory is not known yet). A run too short for both windows does not judge memory, and says so.
+holds that memory is not known yet; one 20-minute run with `--graph eager` did not step again: +0.4 %).
+A run too short for both windows does not judge memory, and says so.
 
     python -m ops.soak --minutes 5 --guarantee exactly-once
     python -m ops.soak --minutes 6 --faults join,broker-restart --every 30   # one kind of fault, more often
