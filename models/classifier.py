@@ -25,6 +25,12 @@ from models.encoder import Encoder, length_batches
 from models.head import TorchHead
 
 BATCH_CAPS = {"cpu": (64, 8192), "cuda": (256, 32768)}  # rows, padded tokens: DESIGN.md's defaults
+# A batch's fixed cost in padded tokens (worker/batcher.py cuts where padding would cost more). Random DistilBERT,
+# bf16, this project's 2-core CPU: alone 3.6 ms + 0.25 ms per padded token (rows 1-64 x lengths 8-64, least
+# squares), inside the worker at 50 % load 21 ms + 0.37 ms per token (167 batches), so 14-57 tokens; 32, 64 and 128
+# gave p50 0.37-0.58, 0.25-0.27 and 0.54-0.93 s there. The H200 (ops/bench/gpu-results-h200.json, fp16): 2.7 ms a
+# batch of one row, 4.2 ms for 128 rows, 6.3 ms for 256 (~0.4 µs per padded token), so 5000-7000 tokens.
+BATCH_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 4096}
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class Classifier:
             raise UserError(f"encoder hidden size {encoder.hidden_size} does not match the head's {head.hidden_size}")
         self.encoder, self.head, self.model_id = encoder, head, model_id
         self.max_rows, self.max_tokens = BATCH_CAPS.get(encoder.device.type, BATCH_CAPS["cpu"])
+        self.batch_overhead_tokens = BATCH_OVERHEAD_TOKENS.get(encoder.device.type, BATCH_OVERHEAD_TOKENS["cpu"])
 
     @classmethod
     def load(cls, artifact: str | Path | Artifact, device: str = "auto", dtype: str = "auto",

@@ -51,6 +51,20 @@ def test_batches_are_contiguous_in_length_order():
     assert all(p.length <= low or p.length >= high for p in pool if p not in batch)
 
 
+def test_a_batch_ends_before_a_longer_record_whose_padding_costs_more_than_a_batch():
+    """On a CPU a forward costs about its padded tokens: at moderate load, a pool of mixed lengths run as one batch
+    padded half of it (p50 2.4 s at 50 % load in make bench's latency point); cut by cost it gave 0.25 s."""
+    short, long = [pending(10, arrived=1.0) for _ in range(4)], pending(40, arrived=1.0)
+    caps = BatchCaps(max_size=64, max_tokens=8192, max_wait_s=0.025, overhead_tokens=64)
+    assert next_batch([*short, long], BatchCaps(64, 8192, 0.025), now=1.03) == [*short, long]  # caps alone
+    queue = BatchQueue(caps)
+    queue.append([*short, long])
+    assert queue.take(now=1.0) == short  # 4 rows x 30 more tokens > 64: closed, so it goes without waiting
+    assert queue.take(now=1.0) is None  # the long one is a last, partial batch: it waits
+    assert queue.take(now=1.03) == [long]
+    assert next_batch([*short, pending(20, arrived=1.0)], caps, now=1.0) is None  # 4 x 10 <= 64: one batch, waiting
+
+
 def test_oldest_record_is_served_first():
     old = pending(50, arrived=0.0)
     pool = [pending(4, arrived=1.0) for _ in range(8)] + [old]
@@ -62,19 +76,24 @@ def greedy_cut(pool, caps):
     """The batches of the plain greedy rule, one row at a time: the queue's bisection must find the same."""
     batches, current = [], []
     for p in sorted(pool, key=lambda p: p.length):
-        if current and (len(current) + 1 > caps.max_size or (len(current) + 1) * p.length > caps.max_tokens):
+        padding = len(current) * (p.length - current[-1].length) if current else 0
+        if current and (len(current) + 1 > caps.max_size or (len(current) + 1) * p.length > caps.max_tokens
+                        or (caps.overhead_tokens is not None and padding > caps.overhead_tokens)):
             batches.append(current)
             current = []
         current.append(p)
     return batches + [current] if current else batches
 
 
+OVERHEAD = st.one_of(st.none(), st.integers(0, 200))
+
+
 @given(st.lists(st.lists(st.integers(1, 64), min_size=1, max_size=60), min_size=1, max_size=5),
-       st.integers(1, 16), st.integers(64, 512), st.randoms())
-def test_caps_always_hold_and_every_record_is_served_once(chunks, size, tokens, rng):
+       st.integers(1, 16), st.integers(64, 512), OVERHEAD, st.randoms())
+def test_caps_always_hold_and_every_record_is_served_once(chunks, size, tokens, overhead, rng):
     """Appends between takes, as polls arrive while batches leave: every record once, within the caps, each batch
     one of the greedy cut of what was waiting."""
-    caps = BatchCaps(size, tokens, 0.0)
+    caps = BatchCaps(size, tokens, 0.0, overhead)
     queue, waiting, served = BatchQueue(caps), [], []
     for lengths in chunks:
         fresh = [pending(n) for n in lengths]
@@ -135,9 +154,9 @@ def test_after_a_take_the_new_last_batch_is_closed_only_if_nothing_could_join_it
 
 
 @given(st.lists(st.tuples(st.integers(1, 40), st.floats(0, 1)), min_size=1, max_size=80), st.integers(1, 8),
-       st.integers(40, 200), st.floats(0, 1.5), st.booleans())
-def test_a_queue_after_takes_decides_as_a_fresh_queue_of_what_is_left(records, size, tokens, now, busy):
-    caps = BatchCaps(size, tokens, 0.3)
+       st.integers(40, 200), OVERHEAD, st.floats(0, 1.5), st.booleans())
+def test_a_queue_after_takes_decides_as_a_fresh_queue_of_what_is_left(records, size, tokens, overhead, now, busy):
+    caps = BatchCaps(size, tokens, 0.3, overhead)
     queue = BatchQueue(caps)
     queue.append(Pending(("tp", i), [1] * n, arrived, seq=i) for i, (n, arrived) in enumerate(records))
     while True:

@@ -12,7 +12,7 @@ import pytest
 
 from contract.cli import DTYPE, UserError, options_table
 from contract.kafka import KafkaSettings
-from models.classifier import BATCH_CAPS
+from models.classifier import BATCH_CAPS, BATCH_OVERHEAD_TOKENS
 from producer.__main__ import parser as producer_parser
 from tests.conftest import ROOT
 from worker.config import OPTIONS, WorkerConfig, parse_args
@@ -43,6 +43,11 @@ def test_batch_caps_left_unset_take_the_devices_defaults():
     assert (given.max_batch_size, given.max_batch_tokens) == (32, 32768)
     with pytest.raises(UserError, match=r"--max-in-flight \(100\) must be at least --max-batch-size \(256; "):
         parse_args(["--model", "m", "--max-in-flight", "100"]).with_batch_caps(*BATCH_CAPS["cuda"])
+    assert unset.with_batch_caps(*BATCH_CAPS["cpu"], BATCH_OVERHEAD_TOKENS["cpu"]).batch_overhead_tokens == 64
+    zero = parse_args(["--model", "m", "--batch-overhead-tokens", "0"])
+    assert zero.with_batch_caps(*BATCH_CAPS["cuda"], BATCH_OVERHEAD_TOKENS["cuda"]).batch_overhead_tokens == 0
+    with pytest.raises(UserError, match="--batch-overhead-tokens cannot be negative"):
+        parse_args(["--model", "m", "--batch-overhead-tokens", "-1"])
 
 
 def test_log_level_and_choices_are_case_insensitive(monkeypatch):

@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoder = classifier.encoder
     if config.graph == "torchscript":
         encoder.trace()
-    config = config.with_batch_caps(classifier.max_rows, classifier.max_tokens)
+    config = config.with_batch_caps(classifier.max_rows, classifier.max_tokens, classifier.batch_overhead_tokens)
     if config.max_batch_tokens < encoder.max_length:
         raise UserError(f"--max-batch-tokens {config.max_batch_tokens} is below the model's limit of "
                         f"{encoder.max_length} tokens per review")

@@ -22,9 +22,11 @@ the worker asks on every loop step.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 STARVATION_S = 0.25  # longest a partial batch holding the oldest record waits behind full ones
@@ -35,6 +37,9 @@ class BatchCaps:
     max_size: int
     max_tokens: int
     max_wait_s: float
+    # a batch's fixed cost, in padded tokens: a batch also ends before a longer record whose padding of the rows
+    # already in it would cost more than a batch of its own (None: only the caps cut)
+    overhead_tokens: int | None = None
 
 
 @dataclass(slots=True)
@@ -140,11 +145,14 @@ class BatchQueue:
 
     def _cut(self) -> list[_Cut]:
         """Greedy batches over the length-sorted records: each ends at the last row that keeps both caps
-        (rows × the longest row grows with each row, so bisection finds it)."""
+        (rows × the longest row grows with each row, so bisection finds it), or earlier, at the first longer
+        record whose padding of the rows before it costs more than a batch (`overhead_tokens`)."""
         if self._cuts is not None:
             return self._cuts
         items, caps = self._items, self.caps
         lengths = [p.length for p in items]
+        overhead = caps.overhead_tokens
+        steps = [] if overhead is None else [i for i in range(1, len(lengths)) if lengths[i] != lengths[i - 1]]
         cuts: list[_Cut] = []
         start = 0
         while start < len(items):
@@ -157,6 +165,12 @@ class BatchQueue:
                 else:
                     high = middle - 1
             end = low
+            for i in islice(steps, bisect_right(steps, start), None):  # each longer run within the caps' cut
+                if i >= end:
+                    break
+                if (i - start) * (lengths[i] - lengths[i - 1]) > overhead:
+                    end = i
+                    break
             full = end < len(items) or _closed(end - start, lengths[end - 1], caps)  # the next record did not fit
             cuts.append(_Cut(start, end, full, min(map(_age, items[start:end]))))
             start = end

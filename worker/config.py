@@ -35,6 +35,9 @@ class WorkerConfig:
                                              "CUDA)")
     max_batch_tokens: int | None = option(help="a batch closes at this many padded tokens, rows x longest row "
                                                "(default: 8192 on a CPU, 32768 on CUDA)")
+    batch_overhead_tokens: int | None = option(help="a batch's fixed cost in padded tokens: a batch also ends before "
+                                                    "a longer record whose padding of the rows already in it would "
+                                                    "cost more (default: 64 on a CPU, 4096 on CUDA)")
     max_wait_ms: int = option(25, "a batch closes this long after its first record arrived")
     max_record_bytes: int = option(DEFAULT_MAX_RECORD_BYTES, "larger values are dead letters (too_large)")
     max_in_flight: int | None = option(help="records held between poll and commit, at most (default: "
@@ -73,12 +76,16 @@ class WorkerConfig:
             raise UserError("--static-membership needs a stable --instance-id (a pod name)")
         if self.max_wait_ms < 0 or self.commit_interval_ms < 0:
             raise UserError("--max-wait-ms and --commit-interval-ms cannot be negative")
+        if self.batch_overhead_tokens is not None and self.batch_overhead_tokens < 0:
+            raise UserError("--batch-overhead-tokens cannot be negative")
 
-    def with_batch_caps(self, rows: int, tokens: int) -> WorkerConfig:
-        """Caps left unset take the device's defaults (the model decides them: `Classifier.max_rows/max_tokens`)."""
+    def with_batch_caps(self, rows: int, tokens: int, overhead_tokens: int | None = None) -> WorkerConfig:
+        """Caps left unset take the device's defaults (the model decides them: `Classifier.max_rows/max_tokens`),
+        and so does a batch's cost in padded tokens (`Classifier.batch_overhead_tokens`)."""
         rows = self.max_batch_size or rows
+        overhead = overhead_tokens if self.batch_overhead_tokens is None else self.batch_overhead_tokens
         return replace(self, max_batch_size=rows, max_batch_tokens=self.max_batch_tokens or tokens,
-                       max_in_flight=self.max_in_flight or IN_FLIGHT_BATCHES * rows)
+                       max_in_flight=self.max_in_flight or IN_FLIGHT_BATCHES * rows, batch_overhead_tokens=overhead)
 
     @property
     def instance(self) -> str:

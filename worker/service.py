@@ -59,7 +59,8 @@ class Worker:
         self.config, self.model_id = config, model_id
         self.tokenizing = TokenizingStage(tokenize)
         self.inference, self.metrics, self.health, self.consumer = inference, metrics, health, consumer
-        self.pool = BatchQueue(BatchCaps(config.max_batch_size, config.max_batch_tokens, config.max_wait_ms / 1000),
+        self.pool = BatchQueue(BatchCaps(config.max_batch_size, config.max_batch_tokens, config.max_wait_ms / 1000,
+                                         config.batch_overhead_tokens),
                                window=max(SORT_WINDOW_MIN, SORT_WINDOW_BATCHES * config.max_batch_size))
         self.tracker = OffsetTracker()
         metrics.in_hand.set_function(lambda: len(self.tracker))

@@ -30,10 +30,11 @@ class CeilingResult:
         return self.records / self.seconds
 
 
-def batches(encoder: Encoder, texts: list[str], max_batch_size: int, max_batch_tokens: int) -> list[list[Pending]]:
+def batches(encoder: Encoder, texts: list[str], max_batch_size: int, max_batch_tokens: int,
+            overhead_tokens: int | None) -> list[list[Pending]]:
     """Pre-tokenize, then cut the whole backlog into batches with the worker's batcher."""
     tokens = encoder.tokenize(texts)
-    pool = BatchQueue(BatchCaps(max_batch_size, max_batch_tokens, 0.0))
+    pool = BatchQueue(BatchCaps(max_batch_size, max_batch_tokens, 0.0, overhead_tokens))
     pool.append(Pending(("mem", i), ids, 0.0) for i, ids in enumerate(tokens.ids))
     out = []
     while batch := pool.take(now=1.0):
@@ -51,7 +52,7 @@ def measure(classifier: Classifier, texts: list[str], max_batch_size: int,
     """Records/s over whole passes of `texts` (at least `min_seconds`), after one untimed pass that
     warms up every batch shape (kernel selection, allocator, caches)."""
     encoder = classifier.encoder
-    work = batches(encoder, texts, max_batch_size, max_batch_tokens)
+    work = batches(encoder, texts, max_batch_size, max_batch_tokens, classifier.batch_overhead_tokens)
     real = sum(p.length for b in work for p in b)
     padded = sum(padded_tokens(b) for b in work)
     for batch in work:

@@ -15,14 +15,18 @@ from models.encoder import Encoder
 
 
 def run_naive(settings: KafkaSettings, encoder: Encoder, artifact: Artifact, topic: str, out_topic: str,
-              count: int) -> float:
-    """Classify `count` records of `topic` one by one; returns records per second (after the first)."""
+              count: int, timeout_s: float = 300) -> float:
+    """Classify `count` records of `topic` one by one; returns records per second (after the first). Gives up
+    after `timeout_s`: its kafka-python consumer once spun for over 10 minutes without joining its group."""
     consumer = KafkaConsumer(topic, **settings.client_config("bench-naive"), group_id=f"naive-{time.time_ns()}",
                              auto_offset_reset="earliest", enable_auto_commit=False, max_poll_records=1)
     producer = KafkaProducer(**settings.client_config("bench-naive"), acks="all")
     estimator = artifact.load_estimator()  # the tutorial's scikit-learn head, from head.joblib
-    done, started = 0, None
+    done, started, deadline = 0, None, time.monotonic() + timeout_s
     while done < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the naive consumer classified {done} of {count} records in {timeout_s:.0f} s "
+                               f"(joined its group: {bool(consumer.assignment())})")
         for records in consumer.poll(timeout_ms=1000).values():
             for record in records:
                 text = json.loads(record.value)["text"]

@@ -165,7 +165,7 @@ def worker_rate(classifier: Classifier, texts: list[str], max_batch_size: int, m
         return AtLeastOnce(make_producer, consumer, tracker, DLQ, counted, lambda: None, commit_interval_s=0.1)
 
     config = WorkerConfig(model="memory", input_topic=TOPIC, output_topic=OUT, dlq_topic=DLQ).with_batch_caps(
-        max_batch_size, max_batch_tokens)
+        max_batch_size, max_batch_tokens, classifier.batch_overhead_tokens)
     encoder = classifier.encoder
     inference = InferenceStage(classifier.score_ids, encoder.probe_ids())
     worker = Worker(config, encoder.tokenize, "memory@0", inference, WorkerMetrics(), Health(), consumer,
