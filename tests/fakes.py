@@ -20,7 +20,7 @@ import numpy as np
 from kafka import TopicPartition
 from kafka.consumer.subscription_state import TopicPartitionState
 
-from models.classifier import BATCH_CAPS
+from models.classifier import BATCH_CAPS, BATCH_OVERHEAD_TOKENS
 from models.encoder import Tokens
 from worker import delivery as delivery_module
 from worker.clients import TP, Refusal
@@ -315,7 +315,7 @@ class Harness:
         self.guarantee = guarantee
         self.config = WorkerConfig(**{"model": "fake", "input_topic": IN, "output_topic": OUT, "dlq_topic": DLQ,
                                       "guarantee": guarantee, "max_wait_ms": 0, "commit_interval_ms": 0,
-                                      **overrides}).with_batch_caps(*BATCH_CAPS["cpu"])
+                                      **overrides}).with_batch_caps(*BATCH_CAPS["cpu"], BATCH_OVERHEAD_TOKENS["cpu"])
         self.inference = InferenceStage(forward, [101, 102], self.config.max_device_failures)
         consumer = KafkaPythonConsumer(self.kafka)
 

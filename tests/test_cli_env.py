@@ -32,20 +32,23 @@ def test_env_sets_flags_and_flags_win(monkeypatch):
     assert parse_args(["--max-batch-size", "8"]).max_batch_size == 8
 
 
+CPU, CUDA = ((*BATCH_CAPS[d], BATCH_OVERHEAD_TOKENS[d]) for d in ("cpu", "cuda"))
+
+
 def test_batch_caps_left_unset_take_the_devices_defaults():
     """64 / 8192 on a CPU, 256 / 32768 on CUDA (the model's device decides); a cap given keeps its value."""
     unset = parse_args(["--model", "m"])
     assert (unset.max_batch_size, unset.max_batch_tokens) == (None, None)
-    cuda = unset.with_batch_caps(*BATCH_CAPS["cuda"])
+    cuda = unset.with_batch_caps(*CUDA)
     assert (cuda.max_batch_size, cuda.max_batch_tokens) == (256, 32768)
-    assert unset.with_batch_caps(*BATCH_CAPS["cpu"]).max_batch_tokens == 8192
-    given = parse_args(["--model", "m", "--max-batch-size", "32"]).with_batch_caps(*BATCH_CAPS["cuda"])
+    assert unset.with_batch_caps(*CPU).max_batch_tokens == 8192
+    given = parse_args(["--model", "m", "--max-batch-size", "32"]).with_batch_caps(*CUDA)
     assert (given.max_batch_size, given.max_batch_tokens) == (32, 32768)
     with pytest.raises(UserError, match=r"--max-in-flight \(100\) must be at least --max-batch-size \(256; "):
-        parse_args(["--model", "m", "--max-in-flight", "100"]).with_batch_caps(*BATCH_CAPS["cuda"])
-    assert unset.with_batch_caps(*BATCH_CAPS["cpu"], BATCH_OVERHEAD_TOKENS["cpu"]).batch_overhead_tokens == 64
+        parse_args(["--model", "m", "--max-in-flight", "100"]).with_batch_caps(*CUDA)
+    assert unset.with_batch_caps(*CPU).batch_overhead_tokens == 64
     zero = parse_args(["--model", "m", "--batch-overhead-tokens", "0"])
-    assert zero.with_batch_caps(*BATCH_CAPS["cuda"], BATCH_OVERHEAD_TOKENS["cuda"]).batch_overhead_tokens == 0
+    assert zero.with_batch_caps(*CUDA).batch_overhead_tokens == 0
     with pytest.raises(UserError, match="--batch-overhead-tokens cannot be negative"):
         parse_args(["--model", "m", "--batch-overhead-tokens", "-1"])
 

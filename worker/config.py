@@ -37,7 +37,8 @@ class WorkerConfig:
                                                "(default: 8192 on a CPU, 32768 on CUDA)")
     batch_overhead_tokens: int | None = option(help="a batch's fixed cost in padded tokens: a batch also ends before "
                                                     "a longer record whose padding of the rows already in it would "
-                                                    "cost more (default: 64 on a CPU, 4096 on CUDA)")
+                                                    "cost more (default: 64 on a CPU, 4096 on CUDA; 0: no padding, "
+                                                    "above --max-batch-tokens: the caps alone)")
     max_wait_ms: int = option(25, "a batch closes this long after its first record arrived")
     max_record_bytes: int = option(DEFAULT_MAX_RECORD_BYTES, "larger values are dead letters (too_large)")
     max_in_flight: int | None = option(help="records held between poll and commit, at most (default: "
@@ -79,7 +80,7 @@ class WorkerConfig:
         if self.batch_overhead_tokens is not None and self.batch_overhead_tokens < 0:
             raise UserError("--batch-overhead-tokens cannot be negative")
 
-    def with_batch_caps(self, rows: int, tokens: int, overhead_tokens: int | None = None) -> WorkerConfig:
+    def with_batch_caps(self, rows: int, tokens: int, overhead_tokens: int) -> WorkerConfig:
         """Caps left unset take the device's defaults (the model decides them: `Classifier.max_rows/max_tokens`),
         and so does a batch's cost in padded tokens (`Classifier.batch_overhead_tokens`)."""
         rows = self.max_batch_size or rows

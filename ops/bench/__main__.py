@@ -62,7 +62,10 @@ def steady_rate(worker: WorkerProcess, count: int, timeout: float, what: str) ->
 
 
 def latency(records: list, sent_at: dict[str, float]) -> tuple[float, float]:
-    lat = [json.loads(r.value)["classified_at"] - sent_at[json.loads(r.value)["id"]] for r in records]
+    """p50 and p99 from a review's timestamp to its result's (set when the worker sent it): results leave in each
+    partition's offset order, so a record scored early may still wait for an earlier one (`classified_at` is when
+    it was scored)."""
+    lat = [r.timestamp / 1000 - sent_at[json.loads(r.value)["id"]] for r in records]
     return float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
 
 
