@@ -22,11 +22,10 @@ the worker asks on every loop step.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 STARVATION_S = 0.25  # longest a partial batch holding the oldest record waits behind full ones
@@ -165,9 +164,7 @@ class BatchQueue:
                 else:
                     high = middle - 1
             end = low
-            for i in islice(steps, bisect_right(steps, start), None):  # each longer run within the caps' cut
-                if i >= end:
-                    break
+            for i in steps[bisect_right(steps, start):bisect_left(steps, end)]:  # longer runs within the caps' cut
                 if (i - start) * (lengths[i] - lengths[i - 1]) > overhead:
                     end = i
                     break
