@@ -365,7 +365,8 @@ def test_bench_plot_draws_every_reference_point(tmp_path):
         "latency": [{"offered_per_second": r, "p50_s": 0.05, "p99_s": 0.2} for r in (100, 200)],
         "pipeline": {"loop": {"kafka-python": {"per_second": 8000.0}, "confluent": {"per_second": 140000.0}},
                      "worker": {"kafka-python": {"per_second": 2700.0}, "confluent": {"per_second": 4000.0}},
-                     "budget": {"tokenize_per_second": 25000.0, "forward_per_second": 15000.0}},
+                     "budget": {"tokenize_per_second": 25000.0, "forward_per_second": 15000.0},
+                     "memory_seam": {"per_second": 6000.0, "device_busy": 0.9}},
     }
     path = tmp_path / "results.png"
     plot(results, path)

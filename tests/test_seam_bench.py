@@ -22,4 +22,4 @@ def test_the_worker_loop_over_the_memory_seam_classifies_and_commits_every_recor
     for partition in range(3):
         offsets = [r["source"]["offset"] for r in results if r["source"]["partition"] == partition]
         assert offsets == sorted(offsets)
-    assert run.per_second > 0
+    assert run.per_second > 0 and 0 < run.device_busy <= 1.05  # forward seconds within the measured span

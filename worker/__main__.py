@@ -41,13 +41,7 @@ from worker.delivery import AtLeastOnce, ExactlyOnce, Interrupted
 from worker.inference import DeviceBroken, InferenceStage
 from worker.kafka_python import KafkaPythonConsumer, KafkaPythonProducer, TopicLimits, producer_throughput
 from worker.metrics import Health, LagMonitor, WorkerMetrics, serve
-from worker.service import Worker
-
-# How long a thread may hold the GIL while another waits for it. The stages hand work to each other through threads
-# that wait for it after their C/Rust part (the tokenizer, the forward, the clients' I/O); at the default 5 ms each
-# hand-off could wait that long behind the loop's Python. Measured with 1 ms, same run, 60,000 records, tiny model,
-# tokenizing jobs of 256: kafka-python 6,631 -> 6,898 records/s, confluent 8,176 -> 8,485 (3 runs each).
-GIL_SWITCH_S = 0.001
+from worker.service import GIL_SWITCH_S, Worker
 
 log = logging.getLogger("worker")
 TOPIC_WAIT_MS = 15_000

@@ -195,6 +195,7 @@ def plot(results: dict, path: Path) -> None:
     pipe = results["pipeline"]
     bars = [(f"{c} loop alone", v["per_second"]) for c, v in pipe["loop"].items()]
     bars += [(f"worker, tiny model, {c}", v["per_second"]) for c, v in pipe["worker"].items()]
+    bars += [("worker, tiny model, Kafka in memory", pipe["memory_seam"]["per_second"])]
     bars += [("tokenizing alone", pipe["budget"]["tokenize_per_second"]),
              ("tiny forward alone", pipe["budget"]["forward_per_second"])]
     rates.barh([name for name, _ in bars], [rate for _, rate in bars], color="tab:blue")

@@ -84,11 +84,12 @@ def main() -> int:
             if size in worker_sizes:
                 count = max(16 * size, int(result.per_second * args.seconds))
                 try:
-                    rate = worker_rate(classifier, texts, size, size * 128, count,
-                                       timeout_s=10 * args.seconds + 60).per_second
-                    row |= {"worker_records_per_s": round(rate, 1),
-                            "worker_vs_bare": round(rate / result.per_second, 3)}
-                    through = f"  worker {rate:9.1f} records/s ({row['worker_vs_bare']:.2f} x bare)"
+                    run = worker_rate(classifier, texts, size, size * 128, count, timeout_s=10 * args.seconds + 60)
+                    row |= {"worker_records_per_s": round(run.per_second, 1),
+                            "worker_vs_bare": round(run.per_second / result.per_second, 3),
+                            "worker_device_busy": run.device_busy}
+                    through = (f"  worker {run.per_second:9.1f} records/s ({row['worker_vs_bare']:.2f} x bare, "
+                               f"device busy {run.device_busy:.0%})")
                 except RuntimeError as err:  # a worker far below the bare model: the other rows still count
                     row["worker_error"] = str(err)
                     through = f"  worker: {err}"

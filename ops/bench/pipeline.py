@@ -4,7 +4,10 @@ On one backlog (SST-2 sentences, 4 partitions), in one run on one machine:
 - each Kafka client's own loop, no model: consume, produce each value, commit per poll;
 - the worker with a tiny random DistilBERT (dim 32, 2 layers: the model costs almost nothing, as on
   a GPU) and GPU caps, once per `--kafka-client`;
-- tokenizing alone and the tiny model's forward alone (length-sorted batches), the worker's budget.
+- tokenizing alone and the tiny model's forward alone (length-sorted batches), the worker's budget;
+- the same worker with Kafka replaced in memory (ops/bench/seam.py): no client can make it faster, so
+  its rate bounds both clients' ratios here; the share of time its forward was busy says whether the
+  model stage (slowed by sharing the cores and the GIL with the rest) is what holds it.
 
     python -m ops.bench.pipeline [--records 40000] [--out ops/bench/out/pipeline.json] [--profile]
 
@@ -34,6 +37,7 @@ from contract.kafka import KafkaSettings
 from contract.records import encode_review
 from contract.review_files import ReviewRow, read_reviews
 from models.classifier import BATCH_OVERHEAD_TOKENS, Classifier
+from ops.bench import seam
 from ops.bench.ceiling import measure
 from ops.bench.random_model import OUT, ROOT, random_artifact
 from ops.harness import Topics, WorkerProcess, free_port, publish
@@ -41,7 +45,8 @@ from ops.harness import Topics, WorkerProcess, free_port, publish
 CLIENTS = ("kafka-python", "confluent")
 # the tiny model stands for a model at GPU speed: GPU caps, and a batch's cost in tokens as on a GPU (a near-free
 # forward, with the CPU's 64 the confluent worker ran 6,078/s against 7,110/s, 2 runs each, padding 0.99 vs 0.92)
-GPU_CAPS = ("--max-batch-size", "256", "--max-batch-tokens", "65536",
+GPU_ROWS, GPU_TOKENS = 256, 65536
+GPU_CAPS = ("--max-batch-size", str(GPU_ROWS), "--max-batch-tokens", str(GPU_TOKENS),
             "--batch-overhead-tokens", str(BATCH_OVERHEAD_TOKENS["cuda"]))
 POLL_RECORDS = 500
 
@@ -177,18 +182,29 @@ class Profile:
 # -- tokenizing and forward alone ----------------------------------------------------------------------
 
 
-def budget(artifact: Path, texts: list[str]) -> dict:
+def tiny_classifier(artifact: Path) -> Classifier:
+    """The tiny model as the worker runs it: traced, batches cut as the worker is told to (GPU_CAPS)."""
     classifier = Classifier.load(artifact, "cpu", "fp32")
-    classifier.encoder.trace()  # as the worker runs it
-    classifier.batch_overhead_tokens = BATCH_OVERHEAD_TOKENS["cuda"]  # cut as the worker is told to (GPU_CAPS)
+    classifier.encoder.trace()
+    classifier.batch_overhead_tokens = BATCH_OVERHEAD_TOKENS["cuda"]
+    return classifier
+
+
+def budget(classifier: Classifier, texts: list[str]) -> dict:
     sample = texts[:10_000]
     started = time.perf_counter()
     for i in range(0, len(sample), 256):
         classifier.encoder.tokenize(sample[i:i + 256])
     tokenize = len(sample) / (time.perf_counter() - started)
     with torch.inference_mode():
-        forward = measure(classifier, sample, 256, 65536).per_second
+        forward = measure(classifier, sample, GPU_ROWS, GPU_TOKENS).per_second
     return {"tokenize_per_second": round(tokenize, 1), "forward_per_second": round(forward, 1)}
+
+
+def memory_worker_rate(classifier: Classifier, texts: list[str]) -> seam.SeamRun:
+    """The same worker loop with Kafka replaced in memory at the client seam (ops/bench/seam.py), measured over 10-90 %
+    of the backlog: no client library, no broker, no start-up, so an upper bound for either client on this machine."""
+    return seam.worker_rate(classifier, texts, GPU_ROWS, GPU_TOKENS, len(texts))
 
 
 def run(settings: KafkaSettings, count: int, partitions: int, clients: tuple[str, ...], profile: bool = False) -> dict:
@@ -219,8 +235,11 @@ def run(settings: KafkaSettings, count: int, partitions: int, clients: tuple[str
         topics = topics_for(f"worker-{client}")
         results["worker"][client] = worker_rate(artifact, topics, client, count, count / 100 + 120, profile)
         topics.delete()
-    say("tokenizing and the tiny forward alone")
-    results["budget"] = budget(artifact, texts)
+    say("tokenizing and the tiny forward alone; the worker with Kafka in memory")
+    classifier = tiny_classifier(artifact)
+    results["budget"] = budget(classifier, texts)
+    memory = memory_worker_rate(classifier, texts)
+    results["memory_seam"] = {"per_second": round(memory.per_second, 1), "device_busy": memory.device_busy}
     source.delete()
     return results
 
@@ -230,20 +249,26 @@ def table(results: dict) -> str:
     rows = [(f"{c} alone: consume, produce each value, commit per poll (no model)", loop[c]["per_second"])
             for c in loop]
     rows += [(f"the worker, tiny model, --kafka-client {c}", worker[c]["per_second"]) for c in worker]
-    rows += [("tokenizing alone (batches of 256)", budget_["tokenize_per_second"]),
+    memory = results["memory_seam"]["per_second"]
+    rows += [("the worker, tiny model, Kafka in memory (no client, no broker: ops/bench/seam.py)", memory),
+             ("tokenizing alone (batches of 256)", budget_["tokenize_per_second"]),
              ("tiny model forward alone (length-sorted, 256 rows)", budget_["forward_per_second"])]
     width = max(len(name) for name, _ in rows)
     lines = [f"{'path':<{width}} | records/s", f"{'-' * width}-|----------"]
     lines += [f"{name:<{width}} | {rate:>9,.0f}" for name, rate in rows]
     if "kafka-python" in worker and "kafka-python" in loop:
         ratio = worker["kafka-python"]["per_second"] / loop["kafka-python"]["per_second"]
-        lines.append(f"worker kafka-python / kafka-python loop = {ratio:.2f} (target >= 0.4, goal 0.6)")
+        lines.append(f"worker kafka-python / kafka-python loop = {ratio:.2f} (target >= 0.4, goal 0.6); "
+                     f"with Kafka in memory the worker reaches {memory / loop['kafka-python']['per_second']:.2f}")
     if "confluent" in worker and "kafka-python" in worker:
         slower = min(budget_["tokenize_per_second"], budget_["forward_per_second"])
         lines.append(f"worker confluent / worker kafka-python = "
                      f"{worker['confluent']['per_second'] / worker['kafka-python']['per_second']:.2f} (target >= 1.5)"
                      f"; / slower of tokenizing and forward = {worker['confluent']['per_second'] / slower:.2f} "
-                     "(or >= 0.8)")
+                     f"(or >= 0.8); with Kafka in memory {memory / worker['kafka-python']['per_second']:.2f}")
+    busy = results["memory_seam"]["device_busy"]
+    lines.append(f"with Kafka in memory the tiny forward was busy {busy:.0%} of the time: "
+                 f"{busy / memory * 1e6:.0f} us a record there, {1e6 / budget_['forward_per_second']:.0f} alone")
     for client, figures in worker.items():
         if figures.get("profile_top"):
             lines.append(f"\nworker main thread, --kafka-client {client}: share of samples (inclusive, own)")

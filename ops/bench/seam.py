@@ -12,6 +12,7 @@ from its own thread about a millisecond later, as a client's I/O thread would.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,8 +25,8 @@ from worker.clients import TP, Polled, Record, Refusal
 from worker.config import WorkerConfig
 from worker.delivery import AtLeastOnce
 from worker.inference import InferenceStage
-from worker.metrics import Health, WorkerMetrics
-from worker.service import Worker
+from worker.metrics import PREFIX, Health, WorkerMetrics
+from worker.service import GIL_SWITCH_S, Worker
 
 TOPIC, OUT, DLQ = "reviews", "results", "dead-letters"
 ANSWER_EVERY_S = 0.001
@@ -141,13 +142,14 @@ class MemoryProducer:
 @dataclass
 class SeamRun:
     per_second: float  # between 10 % and 90 % of the records delivered: no start-up, no end of backlog
+    device_busy: float  # share of that span the inference stage spent in forward calls (1.0: the device is the limit)
     sent: list[tuple[str, bytes]]  # (topic, value) of every message, in the order sent
 
 
 def worker_rate(classifier: Classifier, texts: list[str], max_batch_size: int, max_batch_tokens: int,
                 records: int, partitions: int = 4, timeout_s: float = 600) -> SeamRun:
     """The real worker loop over `records` reviews (texts repeated as needed), run until every record is
-    committed."""
+    committed, with the worker process's GIL switch interval."""
     values = [encode_review(f"r{i}", texts[i % len(texts)]) for i in range(records)]
     consumer = MemoryConsumer(values, partitions)
     producers: list[MemoryProducer] = []
@@ -168,11 +170,17 @@ def worker_rate(classifier: Classifier, texts: list[str], max_batch_size: int, m
         max_batch_size, max_batch_tokens, classifier.batch_overhead_tokens)
     encoder = classifier.encoder
     inference = InferenceStage(classifier.score_ids, encoder.probe_ids())
-    worker = Worker(config, encoder.tokenize, "memory@0", inference, WorkerMetrics(), Health(), consumer,
-                    make_delivery)
+    metrics = WorkerMetrics()
+    worker = Worker(config, encoder.tokenize, "memory@0", inference, metrics, Health(), consumer, make_delivery)
+
+    def device_seconds() -> float:
+        return metrics.registry.get_sample_value(PREFIX + "inference_seconds_sum") or 0.0
+
     consumer.subscribe(TOPIC)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_S)
     deadline = time.perf_counter() + timeout_s
-    marks: dict[int, tuple[float, int]] = {}  # percent -> (time, delivered) when first reached
+    marks: dict[int, tuple[float, int, float]] = {}  # percent -> (time, delivered, device seconds) when first reached
     try:
         while consumer.done() < records:
             if time.perf_counter() > deadline:
@@ -180,10 +188,12 @@ def worker_rate(classifier: Classifier, texts: list[str], max_batch_size: int, m
             worker.step()
             for percent in (10, 90):
                 if percent not in marks and delivered * 100 >= percent * records:
-                    marks[percent] = (time.perf_counter(), delivered)
+                    marks[percent] = (time.perf_counter(), delivered, device_seconds())
     finally:
+        sys.setswitchinterval(switch)
         worker.delivery.close()
         inference.close()
         worker.tokenizing.close()
-    (t10, d10), (t90, d90) = marks[10], marks[90]
-    return SeamRun((d90 - d10) / max(t90 - t10, 1e-9), [m for p in producers for m in p.sent])
+    (t10, d10, s10), (t90, d90, s90) = marks[10], marks[90]
+    span = max(t90 - t10, 1e-9)
+    return SeamRun((d90 - d10) / span, round((s90 - s10) / span, 3), [m for p in producers for m in p.sent])
