@@ -199,7 +199,7 @@ def plot(results: dict, path: Path) -> None:
     bars += [("tokenizing alone", pipe["budget"]["tokenize_per_second"]),
              ("tiny forward alone", pipe["budget"]["forward_per_second"])]
     rates.barh([name for name, _ in bars], [rate for _, rate in bars], color="tab:blue")
-    rates.set(xscale="log", xlabel="records / s", title="Pipeline: the worker's own path (tiny model)")
+    rates.set(xscale="log", xlabel="records / s", title="Pipeline: the worker's own path\n(tiny model)")
     rates.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
