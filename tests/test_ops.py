@@ -366,11 +366,28 @@ def test_bench_plot_draws_every_reference_point(tmp_path):
         "pipeline": {"loop": {"kafka-python": {"per_second": 8000.0}, "confluent": {"per_second": 140000.0}},
                      "worker": {"kafka-python": {"per_second": 2700.0}, "confluent": {"per_second": 4000.0}},
                      "budget": {"tokenize_per_second": 25000.0, "forward_per_second": 15000.0},
-                     "memory_seam": {"per_second": 6000.0, "device_busy": 0.9}},
+                     "memory_seam": {"per_second": 6000.0, "forward_busy": 0.9}},
     }
     path = tmp_path / "results.png"
     plot(results, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+
+
+def test_pipeline_table_prints_each_ratio_beside_its_bound_with_kafka_in_memory():
+    """make bench's pipeline lines from fixed figures: the ratios the issue sets targets for, and what the worker with
+    Kafka replaced in memory reaches (no client can do better on that machine)."""
+    from ops.bench.pipeline import table
+
+    text = table({"loop": {"kafka-python": {"per_second": 20000.0}, "confluent": {"per_second": 200000.0}},
+                  "worker": {"kafka-python": {"per_second": 5000.0}, "confluent": {"per_second": 6000.0}},
+                  "budget": {"tokenize_per_second": 40000.0, "forward_per_second": 32000.0},
+                  "memory_seam": {"per_second": 8000.0, "forward_busy": 0.9}})
+    assert "worker kafka-python / kafka-python loop = 0.25 (target >= 0.4" in text
+    assert ("worker confluent / worker kafka-python = 1.20 (target >= 1.5); "
+            "/ slower of tokenizing and forward = 0.19") in text
+    assert ("bound of each ratio on this machine: / kafka-python loop = 0.40, / worker kafka-python = 1.60, "
+            "/ slower of tokenizing and forward = 0.25") in text
+    assert "busy 90% of the time: 112 us a record there, 31 alone" in text
 
 
 @pytest.mark.parametrize("running", [True, False])

@@ -142,7 +142,8 @@ class MemoryProducer:
 @dataclass
 class SeamRun:
     per_second: float  # between 10 % and 90 % of the records delivered: no start-up, no end of backlog
-    device_busy: float  # share of that span the inference stage spent in forward calls (1.0: the device is the limit)
+    forward_busy: float  # share of that span the inference thread spent in forward calls (host work and GIL waits
+    #                      included): near 1.0, the forward stage is what holds the loop
     sent: list[tuple[str, bytes]]  # (topic, value) of every message, in the order sent
 
 
