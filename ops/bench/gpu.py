@@ -87,7 +87,7 @@ def main() -> int:
                     run = worker_rate(classifier, texts, size, size * 128, count, timeout_s=10 * args.seconds + 60)
                     row |= {"worker_records_per_s": round(run.per_second, 1),
                             "worker_vs_bare": round(run.per_second / result.per_second, 3),
-                            "worker_forward_busy": run.forward_busy}
+                            "worker_forward_busy": round(run.forward_busy, 3)}
                     through = (f"  worker {run.per_second:9.1f} records/s ({row['worker_vs_bare']:.2f} x bare, "
                                f"forward busy {run.forward_busy:.0%})")
                 except RuntimeError as err:  # a worker far below the bare model: the other rows still count

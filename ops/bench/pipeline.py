@@ -201,12 +201,6 @@ def budget(classifier: Classifier, texts: list[str]) -> dict:
     return {"tokenize_per_second": round(tokenize, 1), "forward_per_second": round(forward, 1)}
 
 
-def memory_worker_rate(classifier: Classifier, texts: list[str]) -> seam.SeamRun:
-    """The same worker loop with Kafka replaced in memory at the client seam (ops/bench/seam.py), measured over 10-90 %
-    of the backlog: no client library, no broker, no start-up, so an upper bound for either client on this machine."""
-    return seam.worker_rate(classifier, texts, GPU_ROWS, GPU_TOKENS, len(texts))
-
-
 def run(settings: KafkaSettings, count: int, partitions: int, clients: tuple[str, ...], profile: bool = False) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     texts = sentences(count)
@@ -238,8 +232,10 @@ def run(settings: KafkaSettings, count: int, partitions: int, clients: tuple[str
     say("tokenizing and the tiny forward alone; the worker with Kafka in memory")
     classifier = tiny_classifier(artifact)
     results["budget"] = budget(classifier, texts)
-    memory = memory_worker_rate(classifier, texts)
-    results["memory_seam"] = {"per_second": round(memory.per_second, 1), "forward_busy": memory.forward_busy}
+    # the same worker loop with Kafka in memory, over 10-90 % of the backlog: no client library, no broker, no
+    # start-up, so an upper bound for either client on this machine
+    memory = seam.worker_rate(classifier, texts, GPU_ROWS, GPU_TOKENS, len(texts))
+    results["memory_seam"] = {"per_second": round(memory.per_second, 1), "forward_busy": round(memory.forward_busy, 3)}
     source.delete()
     return results
 

@@ -174,14 +174,14 @@ def worker_rate(classifier: Classifier, texts: list[str], max_batch_size: int, m
     metrics = WorkerMetrics()
     worker = Worker(config, encoder.tokenize, "memory@0", inference, metrics, Health(), consumer, make_delivery)
 
-    def device_seconds() -> float:
+    def forward_seconds() -> float:
         return metrics.registry.get_sample_value(PREFIX + "inference_seconds_sum") or 0.0
 
     consumer.subscribe(TOPIC)
     switch = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_S)
     deadline = time.perf_counter() + timeout_s
-    marks: dict[int, tuple[float, int, float]] = {}  # percent -> (time, delivered, device seconds) when first reached
+    marks: dict[int, tuple[float, int, float]] = {}  # percent -> (time, delivered, forward seconds) when first reached
     try:
         while consumer.done() < records:
             if time.perf_counter() > deadline:
@@ -189,7 +189,7 @@ def worker_rate(classifier: Classifier, texts: list[str], max_batch_size: int, m
             worker.step()
             for percent in (10, 90):
                 if percent not in marks and delivered * 100 >= percent * records:
-                    marks[percent] = (time.perf_counter(), delivered, device_seconds())
+                    marks[percent] = (time.perf_counter(), delivered, forward_seconds())
     finally:
         sys.setswitchinterval(switch)
         worker.delivery.close()
@@ -197,4 +197,4 @@ def worker_rate(classifier: Classifier, texts: list[str], max_batch_size: int, m
         worker.tokenizing.close()
     (t10, d10, s10), (t90, d90, s90) = marks[10], marks[90]
     span = max(t90 - t10, 1e-9)
-    return SeamRun((d90 - d10) / span, round((s90 - s10) / span, 3), [m for p in producers for m in p.sent])
+    return SeamRun((d90 - d10) / span, (s90 - s10) / span, [m for p in producers for m in p.sent])
